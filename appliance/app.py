@@ -1,0 +1,241 @@
+"""The HTTP API (Litestar): parse → queue → engine → response, with one JSON error shape for every failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from . import images
+from .errors import BadRequest, ClientError, ServiceUnavailable, UnsupportedMediaType
+from .gate import ASGIApp, Gate, error_body
+from .inference import Completion, ModelInfo
+from .policy import Policy
+from .protocol import ChatJob, IntakeRules, parse_api_chat, parse_openai_chat
+from .scheduler import Job, Scheduler
+
+log = logging.getLogger("appliance.app")
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler needs, built once at start-up."""
+
+    policy: Policy
+    model: ModelInfo
+    scheduler: Scheduler
+    draining: bool = False
+
+    @property
+    def rules(self) -> IntakeRules:
+        lim, mdl = self.policy.limits, self.policy.model
+        return IntakeRules(
+            model_name=self.model.name, max_tokens=lim.max_tokens, max_images=lim.max_images,
+            image_limits=images.ImageLimits(lim.max_image_bytes, lim.max_image_pixels,
+                                            mdl.data_dir))
+
+
+def _rt(request: Request[Any, Any, Any]) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(content=json.dumps(payload).encode(), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+@get("/healthz")
+async def healthz() -> Response[bytes]:
+    """Liveness: the process answers. No identity needed, nothing revealed."""
+    return _json({"status": "ok"})
+
+
+@get("/readyz")
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Readiness: 200 only while the model is loaded and the daemon is not draining."""
+    rt = _rt(request)
+    if rt.draining:
+        return _json({"status": "draining"}, 503, {"retry-after": "5"})
+    m = rt.model
+    queue = {"waiting": rt.scheduler.waiting, "busy": rt.scheduler.busy,
+             "max": rt.scheduler.max_queue}
+    return _json({"status": "ready", "model": m.name, "images": m.supports_images, "queue": queue,
+                  "gpu_offload": {"supported": m.gpu_offload_supported,
+                                  "active": m.gpu_offload_active}})
+
+
+@get("/v1/models")
+async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    m = _rt(request).model
+    return _json({"object": "list", "data": [{
+        "id": m.name, "object": "model", "created": 0, "owned_by": "qwen-appliance",
+        "architecture": m.architecture, "quantization": m.quantization,
+        "sha256": m.model_sha256, "images": m.supports_images}]})
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+async def _body(request: Request[Any, Any, Any]) -> Any:
+    """Decode a JSON body; wrong content type is 415, malformed JSON 400."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType("send the request body as application/json")
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON (UTF-8)") from None
+
+
+async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, ChatJob, Job]:
+    rt = _rt(request)
+    if rt.draining:
+        raise ServiceUnavailable("the appliance is shutting down", retry_after=5)
+    body = await _body(request)
+    parse = parse_api_chat if api else parse_openai_chat
+    job_in = await asyncio.to_thread(parse, body, rt.rules)
+    if job_in.images and not rt.model.supports_images:
+        raise BadRequest("this model has no vision projector (mmproj); send text only")
+    tag = request.scope["state"]["request_id"]
+    return rt, job_in, rt.scheduler.submit(job_in.messages, job_in.params, tag)
+
+
+async def _await_watching(request: Request[Any, Any, Any], job: Job) -> Completion:
+    """Wait for the completion, cancelling the generation if the client goes away meanwhile."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await job.result()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def _usage(c: Completion) -> dict[str, int]:
+    u = c.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens}
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    """OpenAI-compatible chat; `stream: true` answers Server-Sent Events."""
+    rt, job_in, job = await _intake(request, api=False)
+    rid = f"chatcmpl-{request.scope['state']['request_id']}"
+    if job_in.stream:
+        return await _sse(rt, job, rid)
+    c = await _await_watching(request, job)
+    return _json({
+        "id": rid, "object": "chat.completion", "created": int(time.time()),
+        "model": rt.model.name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "finish_reason": c.finish_reason}],
+        "usage": _usage(c)})
+
+
+async def _sse(rt: Runtime, job: Job, rid: str) -> Stream:
+    """Start the stream only once the first piece (or an early error) is known, so errors stay JSON."""
+    pieces = job.pieces()
+    first = await anext(pieces, None)
+    if first is None:
+        await job.result()  # raises the engine's refusal, if any, as a normal JSON error
+
+    def chunk(delta: dict[str, str], finish: str | None, usage: Completion | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
+                               "created": int(time.time()), "model": rt.model.name,
+                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            obj["usage"] = _usage(usage)
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            if first is not None:
+                yield chunk({"content": first}, None)
+                async for piece in pieces:
+                    yield chunk({"content": piece}, None)
+            c = await job.result()
+            yield chunk({}, c.finish_reason, c)
+            yield b"data: [DONE]\n\n"
+        finally:
+            job.cancel()  # a client that went away stops its generation
+
+    return Stream(events(), media_type="text/event-stream", status_code=200,
+                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+@post("/api/v1/chat", status_code=200)
+async def api_chat(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The guide's simple API: one prompt, optionally one image by path under data_dir or base64."""
+    rt, _, job = await _intake(request, api=True)
+    c = await _await_watching(request, job)
+    return _json({"response": c.text, "model": rt.model.name, "finish_reason": c.finish_reason,
+                  "usage": _usage(c)})
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def _client_error(_: Request[Any, Any, Any], exc: ClientError) -> Response[bytes]:
+    headers = {"retry-after": str(exc.retry_after)} if exc.retry_after is not None else None
+    return Response(error_body(exc), status_code=exc.status, media_type="application/json",
+                    headers=headers)
+
+
+_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code if 400 <= exc.status_code < 500 else 500
+    message = {404: "no such route", 405: "method not allowed on this route",
+               413: "request body is too large"}.get(status, "bad request")
+    if status == 500:
+        message = "internal error"
+    payload = {"error": {"type": _HTTP_TYPES.get(status, "invalid_request_error"),
+                         "message": message}}
+    return Response(json.dumps(payload).encode(), status_code=status,
+                    media_type="application/json")
+
+
+def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Log the failure server-side; the client learns only the request id."""
+    rid = request.scope.get("state", {}).get("request_id", "-")
+    log.error("request %s failed: %s", rid, type(exc).__name__, exc_info=exc)
+    payload = {"error": {"type": "internal_error",
+                         "message": f"internal error; quote request id {rid} to the admin"}}
+    return Response(json.dumps(payload).encode(), status_code=500, media_type="application/json")
+
+
+def build_app(runtime: Runtime) -> Gate:
+    """The Litestar app wrapped in the gate; nothing is reachable around it."""
+    app = Litestar(
+        route_handlers=[healthz, readyz, models, chat_completions, api_chat],
+        exception_handlers={ClientError: _client_error, HTTPException: _http_error,
+                            Exception: _crash},
+        request_max_body_size=runtime.policy.limits.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+        logging_config=None,
+    )
+    app.state.runtime = runtime
+    return Gate(cast(ASGIApp, app), lambda: runtime.policy.clients)

@@ -1,0 +1,108 @@
+"""`qwen-appliance`: the one admin command (init, serve, check, settings)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ApplianceError
+from .policy import load_policy
+from .settings import describe
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. 127.0.0.1:8443")
+    return host.strip("[]"), int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qwen-appliance", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"qwen-appliance {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create CA, certificates, a client and policy.toml in DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT (default %(default)s)")
+    p.add_argument("--model", type=Path, help="Qwen3-VL text GGUF")
+    p.add_argument("--mmproj", type=Path, help="its vision projector GGUF")
+    p.add_argument("--client", default="client-01", help="name of the first client")
+    p.add_argument("--token-file", type=Path,
+                   help="also write the client's token to this file (0600), e.g. for a dev box")
+    p.add_argument("--force", action="store_true", help="overwrite an existing set-up")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--policy", type=Path, required=True)
+    p.add_argument("--listen", type=_listen, help="override [server] listen")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    p = sub.add_parser("check", help="validate a policy file and the files it names")
+    p.add_argument("--policy", type=Path, required=True)
+
+    sub.add_parser("settings", help="list every policy key with its default and purpose")
+    return ap
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .setup import init
+
+    listen = ":".join(map(str, _listen(args.listen)))
+    result = init(args.dir, listen=listen, model=args.model, mmproj=args.mmproj,
+                  client=args.client, force=args.force, token_file=args.token_file)
+    if args.json:
+        print(json.dumps(result.as_json()))
+        return 0
+    print(f"Created {result.policy}\n  URL          {result.url}\n  CA           {result.ca_cert}"
+          f"\n  client cert  {result.client_cert}\n  client key   {result.client_key}\n"
+          f"  token        {result.token}\n"
+          "The token is shown only this once; only its SHA-256 is stored. Hand it, the client "
+          "certificate, key and CA to the client.")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve, setup_logging
+
+    setup_logging(args.log_level)
+    return serve(args.policy, args.listen)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .tls import server_context
+
+    policy = load_policy(args.policy)
+    server_context(policy.server)
+    missing = [p for p in (policy.model.path, policy.model.mmproj) if p and not p.is_file()]
+    for path in missing:
+        print(f"{args.policy}: [model] file not found: {path}", file=sys.stderr)
+    if missing:
+        return 2
+    print(f"{args.policy}: OK ({len(policy.clients)} clients, digest {policy.digest[:16]})")
+    return 0
+
+
+def _settings(_args: argparse.Namespace) -> int:
+    print(describe())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"init": _init, "serve": _serve, "check": _check, "settings": _settings}
+    try:
+        return int(handlers[args.command](args))
+    except ApplianceError as exc:
+        print(f"qwen-appliance: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Plain data passed between the request path and the engine.
+
+Kept free of llama_cpp so protocol parsing and tests can use it without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class RGBImage:
+    """An image already decoded and bounded by Pillow: raw RGB888 rows, never the user's bytes."""
+
+    width: int
+    height: int
+    rgb: bytes
+    source_bytes: int  # size of the encoded input, for audit and metrics
+    source_format: str  # "PNG" | "JPEG" | "WEBP"
+
+
+Part = str | RGBImage
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn; parts keep text and images in the order the client sent them."""
+
+    role: Role
+    parts: tuple[Part, ...]
+
+    @property
+    def images(self) -> tuple[RGBImage, ...]:
+        return tuple(p for p in self.parts if isinstance(p, RGBImage))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Generation settings after validation against policy limits."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs from `[model]` in the policy file."""
+
+    model_path: Path
+    mmproj_path: Path | None = None
+    n_gpu_layers: int = -1
+    n_ctx: int = 4096
+    threads: int = 0  # 0 = let the engine choose
+    chat_template: str | None = None
+    name: str | None = None  # name served in /v1/models; default: the file stem
+    image_min_tokens: int = 0  # 0 = llama.cpp default
+    image_max_tokens: int = 0  # 0 = llama.cpp default
+    use_mlock: bool = False
+    model_sha256: str | None = None  # pinned digests: a different file is refused before parsing
+    mmproj_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, as logged at start-up and shown in /readyz and /v1/models."""
+
+    name: str
+    architecture: str
+    quantization: str
+    model_path: Path
+    model_bytes: int
+    model_sha256: str
+    mmproj_path: Path | None
+    mmproj_bytes: int | None
+    mmproj_sha256: str | None
+    supports_images: bool
+    gpu_offload_supported: bool
+    gpu_offload_active: bool
+    n_gpu_layers: int
+    n_ctx: int
+    threads: int
+    system_info: str
+    description: str = ""  # general.description from the GGUF
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class Usage:
+    """Token counts; prompt_tokens counts every token fed to the model, image tokens included."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    """Result of a finished generation (the streamed pieces joined)."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage = field(default_factory=Usage)

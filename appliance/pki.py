@@ -1,0 +1,144 @@
+"""A small local PKI: CA, server and client certificates, written with strict file modes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+Key = ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its key, as objects, so callers can chain issuance."""
+
+    cert: x509.Certificate
+    key: Key
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create a file readable by the owner only (0600), atomically, never widening an existing one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a non-secret file (certificate, policy) as 0644 atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qwen-appliance"),
+        x509.NameAttribute(NameOID.COMMON_NAME, cn),
+    ])
+
+
+def _builder(subject: str, issuer: x509.Name, key: Key, days: int) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+
+
+def new_ca(cn: str = "qwen-appliance local CA", days: int = 3650) -> Issued:
+    """A CA that only signs leaf certificates (path length 0)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _builder(cn, _name(cn), key, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                       critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(cert, key)
+
+
+def _leaf(ca: Issued, cn: str, days: int, usage: x509.ObjectIdentifier,
+          sans: list[x509.GeneralName]) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        _builder(cn, ca.cert.subject, key, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                       critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+                       critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def server_sans(extra_hosts: list[str]) -> list[x509.GeneralName]:
+    """localhost, 127.0.0.1, ::1, this host's name, plus anything the admin listed."""
+    names: list[x509.GeneralName] = []
+    for host in ["localhost", "127.0.0.1", "::1", socket.gethostname(), *extra_hosts]:
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            entry = x509.DNSName(host)
+        if host and entry not in names and host not in ("0.0.0.0", "::"):  # noqa: S104
+            names.append(entry)
+    return names
+
+
+def new_server_cert(ca: Issued, hosts: list[str], days: int = 825) -> Issued:
+    return _leaf(ca, "qwen-appliance server", days, ExtendedKeyUsageOID.SERVER_AUTH,
+                 server_sans(hosts))
+
+
+def new_client_cert(ca: Issued, cn: str, days: int = 825) -> Issued:
+    return _leaf(ca, cn, days, ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName(cn)])
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: Key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def save(issued: Issued, cert_path: Path, key_path: Path) -> None:
+    """Write a certificate (0644) and its key (0600)."""
+    write_secret(key_path, key_pem(issued.key))
+    write_public(cert_path, cert_pem(issued.cert))
+
+
+def load(cert_path: Path, key_path: Path) -> Issued:
+    """Read back a pair written by `save`, e.g. to issue more client certificates later."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("expected an EC private key")
+    return Issued(cert, key)

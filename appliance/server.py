@@ -1,0 +1,128 @@
+"""The daemon: policy → TLS context → engine → uvicorn over HTTPS with the client certificate in every scope.
+
+uvicorn does not fill the ASGI TLS extension, so a subclass of its httptools protocol (pinned version)
+reads the verified peer certificate once per connection and puts it into each request's scope.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .app import Runtime, build_app
+from .engine import Engine
+from .inference import EngineConfig
+from .policy import Policy, load_policy
+from .scheduler import Scheduler
+from .tls import peer_cert, server_context
+
+log = logging.getLogger("appliance.server")
+TINY_MODEL_MARK = "random weights"
+
+
+class CertAwareProtocol(HttpToolsProtocol):
+    """Adds `scope["extensions"]["tls"]` (client certificate facts, TLS version) to every request."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._tls: dict[str, Any] = {"client_cert": None}
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return
+        der = ssl_object.getpeercert(binary_form=True)
+        self._tls = {"client_cert": peer_cert(der).as_scope() if der else None,
+                     "tls_version": ssl_object.version(),
+                     "cipher_suite": (ssl_object.cipher() or ("",))[0]}
+
+    def shutdown(self) -> None:
+        """Drop idle keep-alive connections at once; a TLS close would wait up to 30 s for the peer."""
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.abort()
+        else:
+            self.cycle.keep_alive = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        tls: dict[object, object] = dict(self._tls.items())
+        self.scope["extensions"] = {"tls": tls}
+
+
+class ApplianceServer(uvicorn.Server):
+    """uvicorn's server, marking the runtime as draining as soon as shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.runtime.draining = True
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # a requested, drained shutdown exits 0, not by re-raising
+
+
+def engine_config(policy: Policy) -> EngineConfig:
+    m = policy.model
+    return EngineConfig(
+        model_path=m.path, mmproj_path=m.mmproj, n_gpu_layers=m.n_gpu_layers, n_ctx=m.n_ctx,
+        threads=m.threads, chat_template=m.chat_template, name=m.name,
+        image_min_tokens=m.image_min_tokens, image_max_tokens=m.image_max_tokens,
+        model_sha256=m.sha256, mmproj_sha256=m.mmproj_sha256)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Plain lines on stderr (the journal under systemd); request content is never logged."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def uvicorn_config(app: Any, policy: Policy, ctx: ssl.SSLContext, host: str, port: int,
+                   ) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, http=CertAwareProtocol, loop="auto",
+        ssl_context_factory=lambda _cfg, _default: ctx,
+        proxy_headers=False, server_header=False, access_log=False, log_config=None,
+        lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=15,
+        h11_max_incomplete_event_size=16 * 1024)
+
+
+def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    policy = load_policy(policy_file)
+    ctx = server_context(policy.server)  # fail on TLS problems before the slow model load
+    engine = Engine.load(engine_config(policy))
+    info = engine.info
+    log.info("model %s: %s %s, %d bytes, sha256 %s; GPU offload %s", info.name,
+             info.architecture, info.quantization, info.model_bytes, info.model_sha256,
+             "ACTIVE" if info.gpu_offload_active else "not active (CPU inference)")
+    if info.mmproj_path:
+        log.info("mmproj %s: %d bytes, sha256 %s", info.mmproj_path, info.mmproj_bytes,
+                 info.mmproj_sha256)
+    _warn_if_tiny(engine)
+    scheduler = Scheduler(engine, policy.limits.max_queue)
+    runtime = Runtime(policy=policy, model=info, scheduler=scheduler)
+    host, port = listen or (policy.server.host, policy.server.port)
+    server = ApplianceServer(uvicorn_config(build_app(runtime), policy, ctx, host, port), runtime)
+    try:
+        server.run()
+    finally:
+        scheduler.close()
+        engine.close()
+    return 0 if server.started else 1
+
+
+def _warn_if_tiny(engine: Engine) -> None:
+    if TINY_MODEL_MARK in engine.info.description.lower():
+        banner = "!" * 78
+        log.warning("%s\nSERVING THE SMOKE-TEST MODEL: random weights, answers are gibberish.\n"
+                    "Point [model] path and mmproj at a real Qwen3-VL GGUF (see README).\n%s",
+                    banner, banner)
+
+
+def pid_info() -> str:
+    return f"pid {os.getpid()}"

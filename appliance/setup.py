@@ -1,0 +1,121 @@
+"""`qwen-appliance init DIR`: a complete, closed-by-default set-up (CA, certificates, one client, policy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import pki
+from .errors import SetupError
+from .tokens import new_token, token_digest
+
+POLICY_TEMPLATE = """\
+# qwen-appliance policy, written by `qwen-appliance init`. Every key is documented in docs/policy.md.
+# Relative paths resolve against this file's directory.
+
+[server]
+listen = {listen}
+tls_cert = "tls/server.crt"
+tls_key = "tls/server.key"
+client_ca = "tls/ca.crt"
+client_cert = "required"   # mutual TLS: no certificate signed by client_ca, no handshake
+
+[model]
+path = {model}
+{mmproj_line}
+data_dir = {data_dir}     # files /api/v1/chat may name as "image"
+n_gpu_layers = -1          # all layers on the GPU when the build has CUDA
+n_ctx = 4096
+threads = 0                # 0 = choose for this host
+
+[limits]
+max_body_bytes = 20_000_000
+max_image_bytes = 10_000_000
+max_image_pixels = 16_000_000
+max_images = 8
+max_tokens = 2048
+max_queue = 16
+
+[[clients]]
+name = {client}
+token_sha256 = "{token_sha256}"   # the token itself is never stored
+scopes = ["chat", "models"]
+"""
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What `init` created; the token exists only here and in what the admin copies."""
+
+    policy: Path
+    url: str
+    token: str
+    ca_cert: Path
+    client_cert: Path
+    client_key: Path
+
+    def as_json(self) -> dict[str, str]:
+        return {"policy": str(self.policy), "url": self.url, "token": self.token,
+                "ca_cert": str(self.ca_cert), "client_cert": str(self.client_cert),
+                "client_key": str(self.client_key)}
+
+
+def _rel(path: Path, base: Path) -> str:
+    """Store paths relative to the policy when they lie below it, so the folder can move."""
+    path = path.resolve()
+    try:
+        return str(path.relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = None,
+         mmproj: Path | None = None, client: str = "client-01", force: bool = False,
+         token_file: Path | None = None) -> InitResult:
+    """Create DIR with tls/, clients/NAME/, data/ and policy.toml; refuse to overwrite unless forced."""
+    policy_path = directory / "policy.toml"
+    if policy_path.exists() and not force:
+        raise SetupError(f"{policy_path} already exists", hint="use another DIR or pass --force")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    host = listen.rpartition(":")[0].strip("[]")
+    ca = pki.new_ca()
+    pki.save(ca, directory / "tls/ca.crt", directory / "tls/ca.key")
+    pki.save(pki.new_server_cert(ca, [host]), directory / "tls/server.crt",
+             directory / "tls/server.key")
+    bundle = directory / "clients" / client
+    pki.save(pki.new_client_cert(ca, client), bundle / "client.crt", bundle / "client.key")
+    pki.write_public(bundle / "ca.crt", pki.cert_pem(ca.cert))
+    (directory / "data").mkdir(exist_ok=True)
+    token = new_token()
+    if token_file is not None:
+        pki.write_secret(token_file, token.encode() + b"\n")
+    pki.write_public(policy_path, _policy_text(directory, listen, model, mmproj, client,
+                                               token).encode())
+    return InitResult(policy=policy_path.resolve(), url=_url(listen, host), token=token,
+                      ca_cert=(bundle / "ca.crt").resolve(),
+                      client_cert=(bundle / "client.crt").resolve(),
+                      client_key=(bundle / "client.key").resolve())
+
+
+def _policy_text(directory: Path, listen: str, model: Path | None, mmproj: Path | None,
+                 client: str, token: str) -> str:
+    model_s = _rel(model, directory) if model else "models/model.gguf"
+    mmproj_line = f"mmproj = {json.dumps(_rel(mmproj, directory))}" if mmproj else \
+        '# mmproj = "models/mmproj.gguf"   # without it, images are refused'
+    return POLICY_TEMPLATE.format(listen=json.dumps(listen), model=json.dumps(model_s),
+                                  mmproj_line=mmproj_line, data_dir='"data"',
+                                  client=json.dumps(client),
+                                  token_sha256=token_digest(token))
+
+
+def _url(listen: str, host: str) -> str:
+    port = listen.rpartition(":")[2]
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached by this host's name
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}:{port}"
