@@ -9,6 +9,8 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGG
 BUILD_ID := $(shell printf '%s' "$(LLAMA_VERSION) $(CMAKE_ARGS)" | sha256sum | cut -c1-12)
 WHEEL_DIR ?= $(HOME)/.cache/qwen-appliance/wheels/$(BUILD_ID)
 STAMP := $(VENV)/.installed-$(BUILD_ID)
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
 TINY := models/tiny
 TINY_STAMP := $(TINY)/.made
 DEV := dev
@@ -25,6 +27,12 @@ $(STAMP): pyproject.toml constraints.txt tools/build_llama_wheel.sh
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Test-only TLS scanner in its own environment: sslyze pins an older cryptography than the appliance uses.
+$(TOOLS_STAMP): tools/constraints-tools.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet -c tools/constraints-tools.txt sslyze
+	touch $@
+
 $(TINY_STAMP): tools/make_tiny_model.py | $(STAMP)
 	$(PY) tools/make_tiny_model.py $(TINY)
 	touch $@
@@ -39,7 +47,7 @@ dev: $(STAMP) $(TINY_STAMP) $(DEV)/policy.toml
 run: dev
 	$(PY) -m appliance serve --policy $(POLICY)
 
-test: $(STAMP) $(TINY_STAMP)
+test: $(STAMP) $(TINY_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -51,4 +59,4 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) $(TINY) $(DEV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) $(TINY) $(DEV) .pytest_cache .mypy_cache .ruff_cache

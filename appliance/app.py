@@ -35,11 +35,17 @@ class Runtime:
     scheduler: Scheduler
     draining: bool = False
 
-    @property
-    def rules(self) -> IntakeRules:
-        lim, mdl = self.policy.limits, self.policy.model
+    def apply_policy(self, policy: Policy) -> None:
+        """Swap in a reloaded policy; requests already admitted keep their snapshot."""
+        self.policy = policy
+        self.scheduler.max_queue = policy.limits.max_queue
+
+    def rules(self, policy: Policy) -> IntakeRules:
+        """Intake limits from the policy snapshot the request was admitted under."""
+        lim, mdl = policy.limits, policy.model
         return IntakeRules(
             model_name=self.model.name, max_tokens=lim.max_tokens, max_images=lim.max_images,
+            images_allowed=self.model.supports_images,
             image_limits=images.ImageLimits(lim.max_image_bytes, lim.max_image_pixels,
                                             mdl.data_dir))
 
@@ -107,9 +113,7 @@ async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, 
         raise ServiceUnavailable("the appliance is shutting down", retry_after=5)
     body = await _body(request)
     parse = parse_api_chat if api else parse_openai_chat
-    job_in = await asyncio.to_thread(parse, body, rt.rules)
-    if job_in.images and not rt.model.supports_images:
-        raise BadRequest("this model has no vision projector (mmproj); send text only")
+    job_in = await asyncio.to_thread(parse, body, rt.rules(request.scope["state"]["policy"]))
     tag = request.scope["state"]["request_id"]
     return rt, job_in, rt.scheduler.submit(job_in.messages, job_in.params, tag)
 
@@ -238,4 +242,4 @@ def build_app(runtime: Runtime) -> Gate:
         logging_config=None,
     )
     app.state.runtime = runtime
-    return Gate(cast(ASGIApp, app), lambda: runtime.policy.clients)
+    return Gate(cast(ASGIApp, app), lambda: runtime.policy)

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, certadmin, tokenadmin
 from .errors import ApplianceError
-from .policy import load_policy
-from .settings import describe
+from .policy import check_file_modes, load_policy
+from .settings import describe, markdown
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="Qwen3-VL text GGUF")
     p.add_argument("--mmproj", type=Path, help="its vision projector GGUF")
     p.add_argument("--client", default="client-01", help="name of the first client")
+    p.add_argument("--allow", action="append", metavar="CIDR",
+                   help="address range allowed to connect besides loopback (repeatable), "
+                        "e.g. 192.168.10.0/24")
     p.add_argument("--token-file", type=Path,
                    help="also write the client's token to this file (0600), e.g. for a dev box")
     p.add_argument("--force", action="store_true", help="overwrite an existing set-up")
@@ -42,10 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_listen, help="override [server] listen")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    p = sub.add_parser("check", help="validate a policy file and the files it names")
-    p.add_argument("--policy", type=Path, required=True)
+    p = sub.add_parser("policy", help="work with policy files")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    p = psub.add_parser("check", help="validate a policy file and the files it names; exit 2 if not")
+    p.add_argument("file", type=Path)
+    p.set_defaults(handler=_check)
 
-    sub.add_parser("settings", help="list every policy key with its default and purpose")
+    p = sub.add_parser("settings", help="list every policy key with its default and purpose")
+    p.add_argument("--markdown", action="store_true", help="print docs/policy.md")
+    for name, handler in (("init", _init), ("serve", _serve), ("settings", _settings)):
+        sub.choices[name].set_defaults(handler=handler)
+    tokenadmin.register(sub)
+    certadmin.register(sub)
     return ap
 
 
@@ -54,7 +65,8 @@ def _init(args: argparse.Namespace) -> int:
 
     listen = ":".join(map(str, _listen(args.listen)))
     result = init(args.dir, listen=listen, model=args.model, mmproj=args.mmproj,
-                  client=args.client, force=args.force, token_file=args.token_file)
+                  client=args.client, force=args.force, token_file=args.token_file,
+                  allow=args.allow)
     if args.json:
         print(json.dumps(result.as_json()))
         return 0
@@ -74,29 +86,32 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """Everything `serve` checks before loading the model, so an admin can test an edit first."""
     from .tls import server_context
 
-    policy = load_policy(args.policy)
+    policy = load_policy(args.file)
+    check_file_modes(policy)
     server_context(policy.server)
-    missing = [p for p in (policy.model.path, policy.model.mmproj) if p and not p.is_file()]
-    for path in missing:
-        print(f"{args.policy}: [model] file not found: {path}", file=sys.stderr)
+    missing = [(k, p) for k, p in (("model.path", policy.model.path),
+                                   ("model.mmproj", policy.model.mmproj)) if p and not p.is_file()]
+    for key, path in missing:
+        print(f"{args.file}: [{key}]: file not found: {path} (hint: copy the GGUF there or fix the "
+              "path)", file=sys.stderr)
     if missing:
         return 2
-    print(f"{args.policy}: OK ({len(policy.clients)} clients, digest {policy.digest[:16]})")
+    print(f"{args.file}: OK ({len(policy.clients)} clients, digest {policy.digest[:16]})")
     return 0
 
 
-def _settings(_args: argparse.Namespace) -> int:
-    print(describe())
+def _settings(args: argparse.Namespace) -> int:
+    print(markdown() if args.markdown else describe(), end="\n" if not args.markdown else "")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"init": _init, "serve": _serve, "check": _check, "settings": _settings}
     try:
-        return int(handlers[args.command](args))
+        return int(args.handler(args))
     except ApplianceError as exc:
         print(f"qwen-appliance: error: {exc}", file=sys.stderr)
         return exc.exit_code

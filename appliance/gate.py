@@ -11,9 +11,10 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .errors import ClientError, Forbidden, Unauthorized
-from .policy import Client
-from .tokens import find_client
+from .errors import ClientError, PayloadTooLarge, Unauthorized
+from .identity import PUBLIC_PATHS, authenticate, network_gate
+from .limits import ClientLimits
+from .policy import Policy
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -25,17 +26,26 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"strict-transport-security", b"max-age=63072000"),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"content-security-policy", b"default-src 'none'"),
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"),
 )
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-ROUTE_SCOPES = {
-    "/v1/chat/completions": "chat",
-    "/api/v1/chat": "chat",
-    "/v1/models": "models",
-}
+
+def _noop() -> None:
+    return None
+
+
+def _check_length(scope: Scope, policy: Policy) -> None:
+    """Refuse a declared body over the current limit before reading a byte of it."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            size = bytes(value).decode("latin-1").strip()
+            if not size.isdigit():
+                raise PayloadTooLarge("Content-Length is not a number")
+            if int(size) > policy.limits.max_body_bytes:
+                raise PayloadTooLarge(f"request body is larger than {policy.limits.max_body_bytes} "
+                                      "bytes")
 
 
 def error_body(exc: ClientError) -> bytes:
@@ -43,49 +53,43 @@ def error_body(exc: ClientError) -> bytes:
     return json.dumps({"error": {"type": exc.type, "message": exc.message}}).encode()
 
 
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, token = bytes(value).decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
-    return None
-
-
 class Gate:
-    """Authenticates and authorises before the app sees the request."""
+    """Network gate → identity → limits, before the app sees the request; headers on every response."""
 
-    def __init__(self, app: ASGIApp, clients: Callable[[], tuple[Client, ...]]) -> None:
+    def __init__(self, app: ASGIApp, policy: Callable[[], Policy]) -> None:
         self.app = app
-        self.clients = clients
+        self.policy = policy
+        self.limits = ClientLimits()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = secrets.token_hex(12)
-        scope.setdefault("state", {})["request_id"] = request_id
+        policy = self.policy()  # one snapshot per request: a reload never changes it midway
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, policy=policy)
         send = self._headers(send, request_id)
         try:
-            self._admit(scope)
+            release = self._admit(scope, policy)
         except ClientError as exc:
             await self._refuse(send, exc)
             return
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            release()
 
-    def _admit(self, scope: Scope) -> None:
-        path = scope.get("path", "")
-        if path in PUBLIC_PATHS:
-            return
-        token = _bearer(scope)
-        client = find_client(self.clients(), token) if token else None
-        if client is None:
-            raise Unauthorized("a valid bearer token is required (Authorization: Bearer ...)")
-        needed = ROUTE_SCOPES.get(path)
-        if needed and needed not in client.scopes:
-            raise Forbidden(f"client {client.name!r} lacks the {needed!r} scope")
-        scope["state"]["client"] = client
+    def _admit(self, scope: Scope, policy: Policy) -> Callable[[], None]:
+        caller = network_gate(dict(scope), policy)
+        scope["state"]["caller"] = caller
+        if scope.get("path", "") in PUBLIC_PATHS:
+            return _noop
+        caller = authenticate(dict(scope), policy, caller)
+        scope["state"]["caller"] = caller
+        _check_length(scope, policy)
+        assert caller.client is not None
+        return self.limits.acquire(caller.client)
 
     @staticmethod
     def _headers(send: Send, request_id: str) -> Send:

@@ -1,10 +1,17 @@
-"""Load policy.toml into typed, validated objects; anything doubtful is refused, never defaulted open."""
+"""Load policy.toml into typed, validated objects; anything doubtful is refused, never defaulted open.
+
+Every problem in the file is collected, so `policy check` can list them all at once.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import ipaddress
 import re
+import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,23 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # use with fullmatch
+_RATE = re.compile(r"^\s*(\d{1,9})\s*/\s*(second|minute|hour|day)\s*$")
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_INVALID = object()
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A request budget: `count` requests per `seconds`."""
+
+    count: int
+    seconds: int
+
+    def __str__(self) -> str:
+        unit = {v: k for k, v in _UNIT_SECONDS.items()}[self.seconds]
+        return f"{self.count}/{unit}"
 
 
 @dataclass(frozen=True)
@@ -29,6 +52,9 @@ class ServerPolicy:
     tls_key: Path
     client_ca: Path | None
     client_cert: str
+    allow: tuple[Network, ...]
+    trusted_proxies: tuple[Network, ...]
+    revoked: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -59,9 +85,18 @@ class LimitsPolicy:
 
 @dataclass(frozen=True)
 class Client:
+    """One identity: a token, optionally bound to addresses and a certificate."""
+
     name: str
     token_sha256: str
     scopes: frozenset[str]
+    allow: tuple[Network, ...] | None = None
+    cert_cn: str | None = None
+    cert_sha256: str | None = None
+    expires: dt.date | None = None
+    rate: Rate | None = None
+    max_concurrent: int | None = None
+    disabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,8 +111,38 @@ class Policy:
     clients: tuple[Client, ...]
 
 
+class PolicyInvalid(ConfigError):
+    """Every problem found in one policy file; `errors` lists them, the message shows them all."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.file, first.key, first.message.split(": ", 2)[-1], hint=first.hint)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        if len(self.errors) == 1:
+            return str(self.errors[0])
+        return f"{len(self.errors)} problems:\n" + "\n".join(f"  {e}" for e in self.errors)
+
+
+class _Collector:
+    """Gathers ConfigErrors for one file instead of stopping at the first."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.errors: list[ConfigError] = []
+
+    def add(self, key: str | None, message: str, hint: str | None = None) -> Any:
+        self.errors.append(ConfigError(self.file, key, message, hint=hint))
+        return _INVALID
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise PolicyInvalid(self.errors)
+
+
 def load_policy(file: Path | str) -> Policy:
-    """Read and validate a policy file; raises ConfigError naming the file, key and a hint."""
+    """Read and validate a policy file; raises PolicyInvalid naming the file, each key and a hint."""
     path = Path(file)
     try:
         raw = path.read_bytes()
@@ -93,137 +158,227 @@ def load_policy(file: Path | str) -> Policy:
 
 
 def _build(path: Path, digest: str, doc: dict[str, Any]) -> Policy:
-    unknown = sorted(set(doc) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(path, unknown[0], "unknown section",
-                          hint=f"known sections: {', '.join(SECTIONS)}")
+    errs = _Collector(path)
+    for name in sorted(set(doc) - set(SECTIONS)):
+        errs.add(name, "unknown section", hint=f"known sections: {', '.join(SECTIONS)}")
     base = path.resolve().parent
-    server = _section(path, base, doc, "server")
-    model = _section(path, base, doc, "model")
-    limits = _section(path, base, doc, "limits")
-    clients = _clients(path, base, doc.get("clients", []))
+    server = _section(errs, base, doc, "server")
+    model = _section(errs, base, doc, "model")
+    limits = _section(errs, base, doc, "limits")
+    clients = _clients(errs, base, doc.get("clients", []))
+    errs.raise_if_any()
     host, port = server.pop("listen")
-    policy = Policy(
-        file=path, digest=digest,
-        server=ServerPolicy(host=host, port=port, **server),
-        model=ModelPolicy(**model),
-        limits=LimitsPolicy(**limits),
-        clients=clients,
-    )
-    _cross_check(policy)
+    server["allow"] = tuple(server["allow"])
+    server["trusted_proxies"] = tuple(server["trusted_proxies"])
+    server["revoked"] = frozenset(server["revoked"])
+    policy = Policy(file=path, digest=digest, server=ServerPolicy(host=host, port=port, **server),
+                    model=ModelPolicy(**model), limits=LimitsPolicy(**limits), clients=clients)
+    _cross_check(errs, policy)
+    errs.raise_if_any()
     return policy
 
 
-def _section(path: Path, base: Path, doc: dict[str, Any], name: str) -> dict[str, Any]:
+def _section(errs: _Collector, base: Path, doc: dict[str, Any], name: str) -> dict[str, Any]:
     table = doc.get(name, {})
     if not isinstance(table, dict):
-        raise ConfigError(path, name, "must be a table", hint=f"write it as [{name}]")
-    return _table(path, base, table, settings_in(name), name)
+        errs.add(name, "must be a table", hint=f"write it as [{name}]")
+        table = {}
+    return _table(errs, base, table, settings_in(name), name)
 
 
-def _table(
-    path: Path, base: Path, table: dict[str, Any], keys: tuple[Setting, ...], where: str
-) -> dict[str, Any]:
+def _table(errs: _Collector, base: Path, table: dict[str, Any], keys: tuple[Setting, ...],
+           where: str) -> dict[str, Any]:
     known = {s.key: s for s in keys}
-    extra = sorted(set(table) - set(known))
-    if extra:
-        raise ConfigError(path, f"{where}.{extra[0]}", "unknown key",
-                          hint=f"known keys: {', '.join(known)}; see docs/policy.md")
+    for key in sorted(set(table) - set(known)):
+        errs.add(f"{where}.{key}", "unknown key",
+                 hint=f"known keys: {', '.join(known)}; see docs/policy.md")
     out: dict[str, Any] = {}
     for key, setting in known.items():
         if key not in table:
             if setting.default is REQUIRED:
-                raise ConfigError(path, f"{where}.{key}", "missing", hint=setting.help)
+                errs.add(f"{where}.{key}", "missing", hint=setting.help)
             out[key] = setting.default
             continue
-        out[key] = _value(path, base, setting, table[key], f"{where}.{key}")
+        out[key] = _value(errs, base, setting, table[key], f"{where}.{key}")
     return out
 
 
-def _value(path: Path, base: Path, s: Setting, value: Any, key: str) -> Any:
+def _value(errs: _Collector, base: Path, s: Setting, value: Any, key: str) -> Any:
     """Check one value against its declared kind; paths resolve against the policy's folder."""
-    def bad(why: str) -> ConfigError:
-        return ConfigError(path, key, why, hint=s.help)
+    def bad(why: str) -> Any:
+        return errs.add(key, why, hint=s.help)
 
-    if s.kind in ("str", "path", "choice", "listen") and not isinstance(value, str):
-        raise bad(f"must be a string, not {type(value).__name__}")
-    if s.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad(f"must be an integer, not {type(value).__name__}")
-        if s.minimum is not None and value < s.minimum:
-            raise bad(f"must be at least {s.minimum}")
-        if s.maximum is not None and value > s.maximum:
-            raise bad(f"must be at most {s.maximum}")
-        return value
-    if s.kind == "bool" and not isinstance(value, bool):
-        raise bad("must be true or false")
-    if s.kind == "choice" and value not in s.choices:
-        raise bad(f"must be one of {', '.join(s.choices)}")
-    if s.kind == "path":
-        if not value or "\x00" in value:
-            raise bad("must be a non-empty path")
-        return (base / Path(value).expanduser()).resolve()
-    if s.kind == "listen":
-        return _listen(bad, value)
-    if s.kind == "list[str]":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("must be a list of strings")
-        wrong = [v for v in value if s.choices and v not in s.choices]
-        if wrong:
-            raise bad(f"unknown value {wrong[0]!r}; allowed: {', '.join(s.choices)}")
-        return frozenset(value)
+    checker = _KINDS.get(s.kind)
+    if checker is None:  # pragma: no cover - a settings-table mistake
+        raise AssertionError(f"unknown setting kind {s.kind}")
+    return checker(s, value, bad, base)
+
+
+def _int(s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return bad(f"must be an integer, not {type(value).__name__}")
+    if s.minimum is not None and value < s.minimum:
+        return bad(f"must be at least {s.minimum}")
+    if s.maximum is not None and value > s.maximum:
+        return bad(f"must be at most {s.maximum}")
     return value
 
 
-def _listen(bad: Any, value: str) -> tuple[str, int]:
-    host, sep, port_s = value.rpartition(":")
+def _str(s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    if not isinstance(value, str):
+        return bad(f"must be a string, not {type(value).__name__}")
+    if s.choices and value not in s.choices:
+        return bad(f"must be one of {', '.join(s.choices)}")
+    return value
+
+
+def _bool(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    return value if isinstance(value, bool) else bad("must be true or false")
+
+
+def _path(s: Setting, value: Any, bad: Callable[[str], Any], base: Path) -> Any:
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return bad("must be a non-empty path string")
+    return (base / Path(value).expanduser()).resolve()
+
+
+def _listen(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    host, sep, port_s = str(value).rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise bad("must be HOST:PORT, e.g. \"0.0.0.0:8443\"")
+    if not isinstance(value, str) or not sep or not host or not port_s.isdigit() \
+            or not 0 < int(port_s) < 65536:
+        return bad("must be HOST:PORT, e.g. \"0.0.0.0:8443\"")
     return host, int(port_s)
 
 
-def _clients(path: Path, base: Path, items: Any) -> tuple[Client, ...]:
+def _strlist(s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return bad("must be a list of strings")
+    wrong = [v for v in value if s.choices and v not in s.choices]
+    if wrong:
+        return bad(f"unknown value {wrong[0]!r}; allowed: {', '.join(s.choices)}")
+    return frozenset(value)
+
+
+def _cidrs(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return bad("must be a list of address ranges like \"192.168.10.0/24\"")
+    nets = []
+    for v in value:
+        try:
+            nets.append(ipaddress.ip_network(v, strict=True))
+        except ValueError as exc:
+            return bad(f"{v!r} is not an address range ({exc})")
+    return nets
+
+
+def _hex(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    digest = value.lower().replace(":", "") if isinstance(value, str) else ""
+    return digest if _HEX64.fullmatch(digest) else bad("must be 64 hex digits (a SHA-256)")
+
+
+def _hexlist(s: Setting, value: Any, bad: Callable[[str], Any], base: Path) -> Any:
+    if not isinstance(value, list):
+        return bad("must be a list of SHA-256 fingerprints")
+    out = [_hex(s, v, bad, base) for v in value]
+    return _INVALID if _INVALID in out else out
+
+
+def _date(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    if isinstance(value, dt.datetime) or not isinstance(value, dt.date):
+        return bad("must be a date without quotes, e.g. 2027-03-01")
+    return value
+
+
+def _rate(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    m = _RATE.fullmatch(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) < 1:
+        return bad("must look like \"60/minute\" (units: second, minute, hour, day)")
+    return Rate(int(m.group(1)), _UNIT_SECONDS[m.group(2)])
+
+
+_KINDS: dict[str, Callable[[Setting, Any, Callable[[str], Any], Path], Any]] = {
+    "int": _int, "str": _str, "choice": _str, "bool": _bool, "path": _path, "listen": _listen,
+    "list[str]": _strlist, "cidrs": _cidrs, "hex": _hex, "hexlist": _hexlist, "date": _date,
+    "rate": _rate,
+}
+
+
+def _clients(errs: _Collector, base: Path, items: Any) -> tuple[Client, ...]:
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise ConfigError(path, "clients", "must be an array of tables",
-                          hint="write each client as [[clients]]")
+        errs.add("clients", "must be an array of tables", hint="write each client as [[clients]]")
+        return ()
     clients: list[Client] = []
-    seen_names: set[str] = set()
-    seen_tokens: set[str] = set()
+    seen: set[str] = set()
     for n, item in enumerate(items):
         where = f"clients[{n}]"
-        values = _table(path, base, item, settings_in("clients"), where)
-        name, digest = values["name"], values["token_sha256"].lower()
-        if not _NAME.match(name):
-            raise ConfigError(path, f"{where}.name", f"invalid client name {name!r}",
-                              hint="letters, digits, '.', '_' and '-', at most 64")
-        if not _HEX64.match(digest):
-            raise ConfigError(path, f"{where}.token_sha256", "must be 64 hex digits",
-                              hint="create it with `qwen-appliance token new NAME`")
-        if name in seen_names or digest in seen_tokens:
-            raise ConfigError(path, f"{where}", "duplicate client name or token",
-                              hint="every client needs its own name and token")
-        seen_names.add(name)
-        seen_tokens.add(digest)
-        clients.append(Client(name=name, token_sha256=digest, scopes=values["scopes"]))
+        values = _table(errs, base, item, settings_in("clients"), where)
+        if isinstance(values["name"], str) and not CLIENT_NAME.fullmatch(values["name"]):
+            errs.add(f"{where}.name", f"invalid client name {values['name']!r}",
+                     hint="letters, digits, '.', '_' and '-', at most 64")
+        if values["token_sha256"] is not _INVALID and isinstance(values["token_sha256"], str) \
+                and not _HEX64.fullmatch(values["token_sha256"].lower()):
+            errs.add(f"{where}.token_sha256", "must be 64 hex digits",
+                     hint="create clients with `qwen-appliance token create NAME`")
+        if {str(values["name"]), str(values["token_sha256"]).lower()} & seen:
+            errs.add(where, "duplicate client name or token",
+                     hint="every client needs its own name and token")
+        seen |= {str(values["name"]), str(values["token_sha256"]).lower()}
+        if _INVALID not in values.values() and REQUIRED not in values.values():
+            values["token_sha256"] = values["token_sha256"].lower()
+            if values["allow"] is not None:
+                values["allow"] = tuple(values["allow"])
+            clients.append(Client(**values))
     return tuple(clients)
 
 
-def _cross_check(policy: Policy) -> None:
+def _cross_check(errs: _Collector, policy: Policy) -> None:
     """Rules that involve several keys at once."""
-    f = policy.file
-    if policy.server.client_cert != "off" and policy.server.client_ca is None:
-        raise ConfigError(f, "server.client_ca", "missing while client_cert is "
-                          f"{policy.server.client_cert!r}",
-                          hint="point it at the CA that signs client certificates")
-    if policy.limits.max_image_bytes > policy.limits.max_body_bytes:
-        raise ConfigError(f, "limits.max_image_bytes", "larger than limits.max_body_bytes",
-                          hint="an image arrives inside the body; lower it")
+    srv, lim = policy.server, policy.limits
+    if srv.client_cert != "off" and srv.client_ca is None:
+        errs.add("server.client_ca", f"missing while client_cert is {srv.client_cert!r}",
+                 hint="point it at the CA that signs client certificates")
+    if lim.max_image_bytes > lim.max_body_bytes:
+        errs.add("limits.max_image_bytes", "larger than limits.max_body_bytes",
+                 hint="an image arrives inside the body; lower it")
     for key in ("sha256", "mmproj_sha256"):
         value = getattr(policy.model, key)
-        if value is not None and not _HEX64.match(value.lower()):
-            raise ConfigError(f, f"model.{key}", "must be 64 hex digits",
-                              hint="use `sha256sum FILE`")
+        if value is not None and not _HEX64.fullmatch(value.lower()):
+            errs.add(f"model.{key}", "must be 64 hex digits", hint="use `sha256sum FILE`")
     if not policy.clients:
-        raise ConfigError(f, "clients", "no client is defined, so nobody could use the appliance",
-                          hint="add a [[clients]] table; `qwen-appliance init` writes one")
+        errs.add("clients", "no client is defined, so nobody could use the appliance",
+                 hint="add one with `qwen-appliance token create NAME --policy FILE`")
+    for n, client in enumerate(policy.clients):
+        _check_client(errs, srv, client, f"clients[{n}]")
+
+
+def _check_client(errs: _Collector, srv: ServerPolicy, client: Client, where: str) -> None:
+    for net in client.allow or ():
+        if not any(net.version == s.version and net.subnet_of(s) for s in srv.allow):  # type: ignore[arg-type]
+            errs.add(f"{where}.allow", f"{net} lies outside [server] allow",
+                     hint="a client range must be inside the network gate's ranges")
+    if (client.cert_cn or client.cert_sha256) and srv.client_cert == "off":
+        errs.add(f"{where}.cert_cn", "binds a certificate, but [server] client_cert is \"off\"",
+                 hint="set client_cert = \"required\" or \"optional\"")
+
+
+def check_file_modes(policy: Policy) -> None:
+    """Refuse files others could change (policy, certificates) or read (private key)."""
+    errs = _Collector(policy.file)
+    srv = policy.server
+    for path, key in ((policy.file, None), (srv.tls_cert, "server.tls_cert"),
+                      (srv.client_ca, "server.client_ca"), (srv.tls_key, "server.tls_key")):
+        if path is None:
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            errs.add(key, f"{path}: cannot read ({exc.strerror})", hint="check the path")
+            continue
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            errs.add(key, f"{path} is writable by group or others (mode {stat.S_IMODE(mode):o})",
+                     hint=f"chmod go-w {path}")
+        if key == "server.tls_key" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            errs.add(key, f"{path}: private key is accessible by group or others "
+                     f"(mode {stat.S_IMODE(mode):o})", hint=f"chmod 600 {path}")
+    errs.raise_if_any()

@@ -6,6 +6,7 @@ Every field is checked by hand so that the message names the field; nothing unch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,13 @@ class IntakeRules:
     max_tokens: int
     max_images: int
     image_limits: images.ImageLimits
+    images_allowed: bool = True
+
+    def image(self, decode: Callable[[], RGBImage]) -> RGBImage:
+        """Refuse images on a text-only model before spending any work on decoding them."""
+        if not self.images_allowed:
+            raise BadRequest("this model has no vision projector (mmproj); send text only")
+        return decode()
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def parse_api_chat(body: Any, rules: IntakeRules) -> ChatJob:
     if image is not None:
         if not isinstance(image, str) or not image:
             raise BadRequest("image must be a string: a path under the data directory or base64")
-        parts.append(images.from_api_field(image, rules.image_limits))
+        parts.append(rules.image(lambda: images.from_api_field(image, rules.image_limits)))
     parts.append(prompt)
     messages = (Message("user", tuple(parts)),)
     _count_images(messages, rules)
@@ -118,7 +126,7 @@ def _part(raw: Any, where: str, role: str, rules: IntakeRules) -> Part:
         url = ref.get("url") if isinstance(ref, dict) else ref
         if not isinstance(url, str):
             raise BadRequest(f"{where}.image_url.url must be a string")
-        return images.from_image_url(url, rules.image_limits)
+        return rules.image(lambda: images.from_image_url(url, rules.image_limits))
     raise BadRequest(f"{where}.type must be \"text\" or \"image_url\"")
 
 

@@ -6,8 +6,10 @@ reads the verified peer certificate once per connection and puts it into each re
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
+import signal
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .app import Runtime, build_app
 from .engine import Engine
 from .inference import EngineConfig
-from .policy import Policy, load_policy
+from .policy import Policy, check_file_modes, load_policy
+from .reload import PolicyReloader
 from .scheduler import Scheduler
 from .tls import peer_cert, server_context
 
@@ -54,11 +57,22 @@ class CertAwareProtocol(HttpToolsProtocol):
 
 
 class ApplianceServer(uvicorn.Server):
-    """uvicorn's server, marking the runtime as draining as soon as shutdown begins."""
+    """uvicorn's server plus policy reload (SIGHUP, file change) and draining on shutdown."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, reloader: PolicyReloader) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self.reloader = reloader
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.reload, "SIGHUP")
+        watcher = loop.create_task(self.reloader.watch())
+        try:
+            await super().serve(sockets)
+        finally:
+            watcher.cancel()
+            loop.remove_signal_handler(signal.SIGHUP)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.runtime.draining = True
@@ -94,6 +108,7 @@ def uvicorn_config(app: Any, policy: Policy, ctx: ssl.SSLContext, host: str, por
 def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     policy = load_policy(policy_file)
+    check_file_modes(policy)
     ctx = server_context(policy.server)  # fail on TLS problems before the slow model load
     engine = Engine.load(engine_config(policy))
     info = engine.info
@@ -106,8 +121,10 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     _warn_if_tiny(engine)
     scheduler = Scheduler(engine, policy.limits.max_queue)
     runtime = Runtime(policy=policy, model=info, scheduler=scheduler)
+    reloader = PolicyReloader(policy, ctx, runtime.apply_policy)
     host, port = listen or (policy.server.host, policy.server.port)
-    server = ApplianceServer(uvicorn_config(build_app(runtime), policy, ctx, host, port), runtime)
+    config = uvicorn_config(build_app(runtime), policy, ctx, host, port)
+    server = ApplianceServer(config, runtime, reloader)
     try:
         server.run()
     finally:
@@ -123,6 +140,3 @@ def _warn_if_tiny(engine: Engine) -> None:
                     "Point [model] path and mmproj at a real Qwen3-VL GGUF (see README).\n%s",
                     banner, banner)
 
-
-def pid_info() -> str:
-    return f"pid {os.getpid()}"

@@ -5,6 +5,7 @@ Every key the daemon reads from policy.toml is declared here once, with its type
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("server", "client_cert", "choice", "required",
        "Mutual TLS: a handshake without a certificate from client_ca fails when \"required\".",
        choices=("required", "optional", "off")),
+    _s("server", "allow", "cidrs", ["127.0.0.0/8", "::1/128"],
+       "Network gate: peers outside these address ranges are refused (403) before any token is read."),
+    _s("server", "trusted_proxies", "cidrs", [],
+       "Peers whose X-Forwarded-For header is believed; from anyone else the header is ignored."),
+    _s("server", "revoked", "hexlist", [],
+       "SHA-256 fingerprints of client certificates that are refused even though the CA signed them."),
     # [model]
     _s("model", "path", "path", REQUIRED, "The Qwen3-VL text model GGUF file."),
     _s("model", "mmproj", "path", None,
@@ -91,9 +98,64 @@ SETTINGS: tuple[Setting, ...] = (
     _s("clients", "scopes", "list[str]", ["chat"],
        "What the client may do: chat, models, metrics, admin.",
        choices=("chat", "models", "metrics", "admin")),
+    _s("clients", "allow", "cidrs", None,
+       "Address ranges this client may connect from; each must lie inside [server] allow."),
+    _s("clients", "cert_cn", "str", None,
+       "Subject CN the client's TLS certificate must carry; a stolen token alone is not enough."),
+    _s("clients", "cert_sha256", "hex", None,
+       "SHA-256 fingerprint the client's TLS certificate must have (stricter than cert_cn)."),
+    _s("clients", "expires", "date", None,
+       "Last day (UTC) the token is accepted, e.g. 2027-03-01; afterwards it gets 401."),
+    _s("clients", "rate", "rate", None,
+       "Requests allowed per client, e.g. \"60/minute\"; more get 429 with Retry-After."),
+    _s("clients", "max_concurrent", "int", None,
+       "Requests one client may have in flight at once; more get 429.", minimum=1),
+    _s("clients", "disabled", "bool", False,
+       "Switch a client off without deleting it; its token then gets 401."),
 )
 
 SECTIONS = ("server", "model", "limits", "clients")
+
+
+# One TOML line per key, shown in `qwen-appliance settings` and docs/policy.md.
+EXAMPLES = {
+    "server.listen": 'listen = "0.0.0.0:8443"',
+    "server.tls_cert": 'tls_cert = "tls/server.crt"',
+    "server.tls_key": 'tls_key = "tls/server.key"',
+    "server.client_ca": 'client_ca = "tls/ca.crt"',
+    "server.client_cert": 'client_cert = "required"',
+    "server.allow": 'allow = ["192.168.10.0/24"]',
+    "server.trusted_proxies": 'trusted_proxies = ["192.168.10.2/32"]',
+    "server.revoked": 'revoked = ["3f2a...64 hex digits"]',
+    "model.path": 'path = "/var/lib/qwen-appliance/models/Qwen3-VL-4B-Instruct-Q4_K_M.gguf"',
+    "model.mmproj": 'mmproj = "/var/lib/qwen-appliance/models/mmproj-Qwen3-VL-4B-Instruct-F16.gguf"',
+    "model.name": 'name = "qwen3-vl-4b"',
+    "model.n_gpu_layers": "n_gpu_layers = -1",
+    "model.n_ctx": "n_ctx = 8192",
+    "model.threads": "threads = 8",
+    "model.chat_template": 'chat_template = "{% for m in messages %}...{% endfor %}"',
+    "model.data_dir": 'data_dir = "/secure_data"',
+    "model.image_min_tokens": "image_min_tokens = 256",
+    "model.image_max_tokens": "image_max_tokens = 1024",
+    "model.sha256": 'sha256 = "9b1c...64 hex digits"',
+    "model.mmproj_sha256": 'mmproj_sha256 = "77ad...64 hex digits"',
+    "limits.max_body_bytes": "max_body_bytes = 20_000_000",
+    "limits.max_image_bytes": "max_image_bytes = 10_000_000",
+    "limits.max_image_pixels": "max_image_pixels = 16_000_000",
+    "limits.max_images": "max_images = 4",
+    "limits.max_tokens": "max_tokens = 2048",
+    "limits.max_queue": "max_queue = 16",
+    "clients.name": 'name = "teller-03"',
+    "clients.token_sha256": 'token_sha256 = "e3b0...64 hex digits"',
+    "clients.scopes": 'scopes = ["chat"]',
+    "clients.allow": 'allow = ["192.168.10.23/32"]',
+    "clients.cert_cn": 'cert_cn = "teller-03.branch.local"',
+    "clients.cert_sha256": 'cert_sha256 = "5d41...64 hex digits"',
+    "clients.expires": "expires = 2027-03-01",
+    "clients.rate": 'rate = "60/minute"',
+    "clients.max_concurrent": "max_concurrent = 2",
+    "clients.disabled": "disabled = false",
+}
 
 
 def settings_in(section: str) -> tuple[Setting, ...]:
@@ -101,10 +163,63 @@ def settings_in(section: str) -> tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if s.section == section)
 
 
+def _default(s: Setting) -> str:
+    if s.default is REQUIRED:
+        return "required"
+    if s.default is None:
+        return "unset"
+    return json.dumps(s.default)
+
+
 def describe() -> str:
     """Human-readable table of every key, for `qwen-appliance settings`."""
     lines = []
     for s in SETTINGS:
-        default = "(required)" if s.default is REQUIRED else repr(s.default)
-        lines.append(f"{s.dotted:<28} {s.kind:<10} default {default}\n    {s.help}")
+        lines.append(f"{s.dotted:<26} {s.kind:<9} default {_default(s)}\n    {s.help}\n"
+                     f"    e.g. {EXAMPLES[s.dotted]}")
     return "\n".join(lines)
+
+
+_KIND_NAMES = {"str": "string", "int": "integer", "bool": "boolean", "path": "path",
+               "list[str]": "list of strings", "choice": "string", "listen": "HOST:PORT",
+               "cidrs": "list of CIDR ranges", "hex": "SHA-256 hex", "hexlist": "list of SHA-256 hex",
+               "date": "TOML date", "rate": "N/unit"}
+
+
+def markdown() -> str:
+    """docs/policy.md, generated from this table so the documentation cannot drift from the code."""
+    out = [DOC_HEADER]
+    for section in SECTIONS:
+        title = "[[clients]]" if section == "clients" else f"[{section}]"
+        out += [f"\n## `{title}`\n", "| key | type | default | example | what it protects |",
+                "| --- | --- | --- | --- | --- |"]
+        for s in settings_in(section):
+            kind = _KIND_NAMES[s.kind] + (f" ({' / '.join(s.choices)})" if s.choices else "")
+            out.append(f"| `{s.key}` | {kind} | `{_default(s)}` | `{EXAMPLES[s.dotted]}` | "
+                       f"{s.help} |")
+    return "\n".join(out) + "\n"
+
+
+DOC_HEADER = """# policy.toml
+
+The one file that says who may use the appliance and how. Written by `qwen-appliance init`, edited by the
+branch admin, re-read without a restart on `systemctl reload qwen-appliance` (SIGHUP) or when its contents
+change. An invalid policy is refused as a whole: at start-up the daemon does not start; on reload the old
+policy stays in force and the log names the file, the key and a hint. Unknown sections and keys are errors,
+never ignored. Relative paths resolve against the policy file's directory.
+
+Check a file without starting anything: `qwen-appliance policy check FILE` (exit 0, or 2 with every problem
+listed). This page is generated from the settings table in `appliance/settings.py`
+(`qwen-appliance settings --markdown`); a test fails when they differ.
+
+Changes that need a restart (the daemon logs a warning on reload): `[server] listen`, anything in `[model]`,
+and raising `[limits] max_body_bytes`. Everything else applies to the next request; requests already running
+finish under the policy they started with.
+
+How a request is judged, in order: the network gate (`[server] allow`, from the socket address; a
+`X-Forwarded-For` header counts only from `trusted_proxies`) → the TLS client certificate (verified against
+`client_ca` in the handshake; refused if listed in `revoked`) → the bearer token (selects the client by the
+SHA-256 of the token, compared in constant time) → that client's `disabled`, `expires`, `allow`,
+`cert_cn` / `cert_sha256`, the route's scope → `rate` and `max_concurrent` → the body and image limits.
+Unknown, disabled or expired tokens get 401; the right token from the wrong address or certificate, or
+without the scope, 403; over the rate or concurrency, 429 with `Retry-After`."""

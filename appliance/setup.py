@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -22,6 +23,9 @@ tls_cert = "tls/server.crt"
 tls_key = "tls/server.key"
 client_ca = "tls/ca.crt"
 client_cert = "required"   # mutual TLS: no certificate signed by client_ca, no handshake
+allow = {allow}   # network gate: only these ranges may connect
+trusted_proxies = []       # X-Forwarded-For is ignored unless the peer is listed here
+revoked = []               # SHA-256 fingerprints of client certificates to refuse
 
 [model]
 path = {model}
@@ -74,9 +78,15 @@ def _rel(path: Path, base: Path) -> str:
 
 def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = None,
          mmproj: Path | None = None, client: str = "client-01", force: bool = False,
-         token_file: Path | None = None) -> InitResult:
+         token_file: Path | None = None, allow: list[str] | None = None) -> InitResult:
     """Create DIR with tls/, clients/NAME/, data/ and policy.toml; refuse to overwrite unless forced."""
     policy_path = directory / "policy.toml"
+    for cidr in allow or []:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError:
+            raise SetupError(f"--allow {cidr!r} is not an address range",
+                             hint="write it like 192.168.10.0/24") from None
     if policy_path.exists() and not force:
         raise SetupError(f"{policy_path} already exists", hint="use another DIR or pass --force")
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,8 +103,9 @@ def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = N
     token = new_token()
     if token_file is not None:
         pki.write_secret(token_file, token.encode() + b"\n")
+    ranges = ["127.0.0.0/8", "::1/128", *(allow or [])]
     pki.write_public(policy_path, _policy_text(directory, listen, model, mmproj, client,
-                                               token).encode())
+                                               token, ranges).encode())
     return InitResult(policy=policy_path.resolve(), url=_url(listen, host), token=token,
                       ca_cert=(bundle / "ca.crt").resolve(),
                       client_cert=(bundle / "client.crt").resolve(),
@@ -102,13 +113,13 @@ def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = N
 
 
 def _policy_text(directory: Path, listen: str, model: Path | None, mmproj: Path | None,
-                 client: str, token: str) -> str:
+                 client: str, token: str, allow: list[str]) -> str:
     model_s = _rel(model, directory) if model else "models/model.gguf"
     mmproj_line = f"mmproj = {json.dumps(_rel(mmproj, directory))}" if mmproj else \
         '# mmproj = "models/mmproj.gguf"   # without it, images are refused'
     return POLICY_TEMPLATE.format(listen=json.dumps(listen), model=json.dumps(model_s),
                                   mmproj_line=mmproj_line, data_dir='"data"',
-                                  client=json.dumps(client),
+                                  client=json.dumps(client), allow=json.dumps(allow),
                                   token_sha256=token_digest(token))
 
 

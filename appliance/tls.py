@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-import stat
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -24,21 +22,8 @@ MOZILLA_INTERMEDIATE_CIPHERS = ":".join([
 _VERIFY = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "off": ssl.CERT_NONE}
 
 
-def check_key_file(path: Path) -> None:
-    """Refuse a private key that others can read, as OpenSSH does."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise TLSSetupError(f"{path}: cannot read key ({exc.strerror})",
-                            hint="check [server] tls_key in the policy") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TLSSetupError(f"{path}: private key is accessible by group or others "
-                            f"(mode {stat.S_IMODE(mode):o})", hint=f"chmod 600 {path}")
-
-
 def server_context(server: ServerPolicy) -> ssl.SSLContext:
     """Build the listener's context; every failure names the file and how to fix it."""
-    check_key_file(server.tls_key)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(MOZILLA_INTERMEDIATE_CIPHERS)

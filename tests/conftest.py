@@ -73,11 +73,16 @@ class Daemon:
             ctx.load_cert_chain(str(self.setup.client_cert), str(self.setup.client_key))
         return ctx
 
-    def client(self, token: str | None = None, client_cert: bool = True,
-               timeout: float = 60) -> httpx.Client:
+    def client(self, token: str | None = None, client_cert: bool = True, timeout: float = 60,
+               cert: tuple[Path, Path] | None = None, source: str | None = None) -> httpx.Client:
+        """An httpx client over mTLS; `cert` picks another client certificate, `source` a local IP."""
         headers = {"authorization": f"Bearer {token or self.setup.token}"}
-        return httpx.Client(base_url=self.url, verify=self.ssl_context(client_cert),
-                            headers=headers, timeout=timeout)
+        ctx = self.ssl_context(client_cert and cert is None)
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        transport = httpx.HTTPTransport(verify=ctx, local_address=source) if source else None
+        return httpx.Client(base_url=self.url, verify=ctx, headers=headers, timeout=timeout,
+                            transport=transport)
 
     def readyz(self) -> dict[str, Any]:
         with self.client(timeout=10) as c:
@@ -136,6 +141,34 @@ def start_daemon(setup: InitResult, port: int, log_path: Path, timeout: float = 
     raise AssertionError(f"daemon not ready in {timeout}s:\n{daemon.log()}")
 
 
+def issue_client_cert(setup: InitResult, cn: str, **validity: Any) -> tuple[Path, Path, str]:
+    """A client certificate signed by the set-up's CA: (cert, key, SHA-256 fingerprint)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from appliance import pki
+    tls = setup.policy.parent / "tls"
+    ca = pki.load(tls / "ca.crt", tls / "ca.key")
+    issued = pki.new_client_cert(ca, cn, **validity)
+    out = setup.policy.parent / "clients" / cn
+    pki.save(issued, out / "client.crt", out / "client.key")
+    der = issued.cert.public_bytes(serialization.Encoding.DER)
+    return out / "client.crt", out / "client.key", hashlib.sha256(der).hexdigest()
+
+
+def add_client(policy: Path, name: str, scopes: tuple[str, ...] = ("chat",), **keys: str) -> str:
+    """Append a [[clients]] table (values are TOML literals) and return the new token."""
+    from appliance.tokens import new_token, token_digest
+    token = new_token()
+    lines = ["", "[[clients]]", f'name = "{name}"', f'token_sha256 = "{token_digest(token)}"',
+             "scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]"]
+    lines += [f"{k} = {v}" for k, v in keys.items()]
+    with policy.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    return token
+
+
 DaemonFactory = Callable[..., Daemon]
 
 
@@ -144,9 +177,12 @@ def daemon_factory(tmp_path: Path, tiny_model: TinyModel) -> Iterator[DaemonFact
     """Start daemons with policy edits; every one is stopped at the end of the test."""
     started: list[Daemon] = []
 
-    def factory(edits: dict[str, str] | None = None, name: str = "d") -> Daemon:
+    def factory(edits: dict[str, str] | None = None, name: str = "d",
+                prepare: Callable[[InitResult], None] | None = None) -> Daemon:
         port = free_port()
         setup = make_setup(tmp_path / name, tiny_model, port, edits)
+        if prepare is not None:
+            prepare(setup)
         daemon = start_daemon(setup, port, tmp_path / f"{name}.log")
         started.append(daemon)
         return daemon

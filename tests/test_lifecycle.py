@@ -113,5 +113,30 @@ def test_init_json_and_file_modes(tmp_path: Path) -> None:
     assert out["token"] not in Path(out["policy"]).read_text()
     again = run_cli("init", str(tmp_path / "s"))
     assert again.returncode == 2 and "already exists" in again.stderr
-    check = run_cli("check", "--policy", out["policy"])
+    check = run_cli("policy", "check", out["policy"])
     assert check.returncode == 2 and "models/model.gguf" in check.stderr
+
+
+def test_non_streaming_client_that_leaves_cancels_its_generation(daemon_factory: DaemonFactory) -> None:
+    d = daemon_factory(LONG_EDITS)
+    body = dict(LONG, stream=False)
+    with d.client(timeout=1.0) as c:
+        try:
+            c.post("/v1/chat/completions", json=body)
+            raise AssertionError("30000 tokens should not finish within the client's timeout")
+        except httpx.ReadTimeout:
+            pass
+    assert wait_for(lambda: "cancelled after" in d.log())
+    assert not d.readyz()["queue"]["busy"]
+
+
+def test_text_only_model_refuses_images(daemon_factory: DaemonFactory, tiny_model: TinyModel) -> None:
+    d = daemon_factory({f'mmproj = "{tiny_model.mmproj}"': "# no mmproj"})
+    assert d.readyz()["images"] is False
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with d.client() as c:
+        text = c.post("/v1/chat/completions", json=SHORT)
+        r = c.post("/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": [image]}], "max_tokens": 2})
+    assert text.status_code == 200
+    assert r.status_code == 400 and "mmproj" in r.json()["error"]["message"]

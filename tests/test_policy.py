@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.policy import load_policy
+from appliance.policy import PolicyInvalid, load_policy
 from appliance.settings import SETTINGS
 from appliance.setup import init
 from appliance.tokens import find_client, token_digest
@@ -83,3 +83,46 @@ def test_broken_toml_and_missing_file(tmp_path: Path) -> None:
 def test_every_setting_has_help() -> None:
     assert all(s.help.endswith(".") or s.help.endswith(")") for s in SETTINGS)
     assert len({s.dotted for s in SETTINGS}) == len(SETTINGS)
+
+
+def test_every_problem_is_listed(setup) -> None:  # type: ignore[no-untyped-def]
+    edit(setup.policy, "max_queue = 16", "max_queue = 0\nbogus = 1")
+    edit(setup.policy, 'client_cert = "required"', 'client_cert = "maybe"')
+    with pytest.raises(PolicyInvalid) as info:
+        load_policy(setup.policy)
+    keys = {e.key for e in info.value.errors}
+    assert {"limits.max_queue", "limits.bogus", "server.client_cert"} <= keys
+    assert "3 problems" in str(info.value)
+
+
+def test_client_rules_parse_and_are_checked(setup) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+    text = setup.policy.read_text()
+    setup.policy.write_text(text + 'allow = ["127.0.0.5/32"]\ncert_cn = "x"\nexpires = 2027-03-01\n'
+                            'rate = "60/minute"\nmax_concurrent = 2\n')
+    c = load_policy(setup.policy).clients[0]
+    assert (str(c.allow[0]), c.cert_cn, c.expires, str(c.rate), c.max_concurrent) == (  # type: ignore[index]
+        "127.0.0.5/32", "x", dt.date(2027, 3, 1), "60/minute", 2)
+    for line, key in [('allow = ["10.0.0.0/8"]\n', "clients[0].allow"),
+                      ('rate = "lots"\n', "clients[0].rate"),
+                      ('expires = "2027-03-01"\n', "clients[0].expires"),
+                      ('allow = ["10.0.0.300/32"]\n', "clients[0].allow")]:
+        setup.policy.write_text(text + line)
+        with pytest.raises(ConfigError) as info:
+            load_policy(setup.policy)
+        assert info.value.key == key, line
+
+
+def test_docs_cover_every_key_and_match_the_table() -> None:
+    from appliance import policy as pol
+    from appliance.settings import markdown
+    doc = (Path(__file__).parent.parent / "docs/policy.md").read_text()
+    assert doc == markdown(), "docs/policy.md is stale: run `qwen-appliance settings --markdown`"
+    for s in SETTINGS:
+        assert f"| `{s.key}` |" in doc, s.dotted
+    fields = {f"server.{k}" for k in pol.ServerPolicy.__dataclass_fields__} - {"server.host",
+                                                                               "server.port"}
+    fields |= {f"model.{k}" for k in pol.ModelPolicy.__dataclass_fields__}
+    fields |= {f"limits.{k}" for k in pol.LimitsPolicy.__dataclass_fields__}
+    fields |= {f"clients.{k}" for k in pol.Client.__dataclass_fields__}
+    assert fields | {"server.listen"} == {s.dotted for s in SETTINGS}
