@@ -156,3 +156,38 @@ def test_concurrent_clients_do_not_share_limits(gated: Gated) -> None:
     for t in threads:
         t.join(60)
     assert results == [200] * 4
+
+
+def test_expired_client_certificate_fails_the_handshake(gated: Gated) -> None:
+    import datetime as dt
+    setup = gated.d.setup
+    crt, key, _ = issue_client_cert(setup, "oldtimer", days=1,
+                                    valid_from=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30))
+    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)), \
+            gated.d.client(cert=(crt, key)) as c:
+        c.get("/healthz")
+    assert gated.post("tester").status_code == 200
+
+
+def scope_with(peer: str, forwarded: str | None = None) -> dict[str, object]:
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    return {"client": (peer, 5000), "headers": headers, "path": "/v1/models"}
+
+
+def test_forwarded_for_only_from_trusted_proxies(tmp_path: Path, tiny_model: TinyModel) -> None:
+    from appliance.errors import Forbidden
+    from appliance.identity import network_gate, source_ip
+    from appliance.policy import load_policy
+    setup = make_setup(tmp_path / "s", tiny_model, free_port(), {
+        "trusted_proxies = []": 'trusted_proxies = ["10.0.0.2/32"]',
+        'allow = ["127.0.0.0/8", "::1/128"]': 'allow = ["10.0.0.0/24", "192.168.10.0/24"]'})
+    policy = load_policy(setup.policy)
+    assert str(source_ip(scope_with("10.0.0.2", "192.168.10.7"), policy)) == "192.168.10.7"
+    # A chain: the right-most address the trusted proxy did not add itself is the client.
+    assert str(source_ip(scope_with("10.0.0.2", "1.2.3.4, 192.168.10.7, 10.0.0.2"), policy)) \
+        == "192.168.10.7"
+    assert str(source_ip(scope_with("10.0.0.9", "192.168.10.7"), policy)) == "10.0.0.9"
+    with pytest.raises(Forbidden, match="not allowed"):
+        network_gate(scope_with("10.0.0.2", "8.8.8.8"), policy)
+    with pytest.raises(Forbidden, match="malformed"):
+        network_gate(scope_with("10.0.0.2", "not-an-ip"), policy)
