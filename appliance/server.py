@@ -19,6 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Runtime, build_app
 from .engine import Engine
+from .errors import SetupError
 from .inference import EngineConfig
 from .policy import Policy, check_file_modes, load_policy
 from .reload import PolicyReloader
@@ -110,6 +111,8 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     policy = load_policy(policy_file)
     check_file_modes(policy)
     ctx = server_context(policy.server)  # fail on TLS problems before the slow model load
+    host, port = listen or (policy.server.host, policy.server.port)
+    sock = bind(host, port)  # and on a taken port
     engine = Engine.load(engine_config(policy))
     info = engine.info
     log.info("model %s: %s %s, %d bytes, sha256 %s; GPU offload %s", info.name,
@@ -122,15 +125,32 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     scheduler = Scheduler(engine, policy.limits.max_queue)
     runtime = Runtime(policy=policy, model=info, scheduler=scheduler)
     reloader = PolicyReloader(policy, ctx, runtime.apply_policy)
-    host, port = listen or (policy.server.host, policy.server.port)
     config = uvicorn_config(build_app(runtime), policy, ctx, host, port)
     server = ApplianceServer(config, runtime, reloader)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         scheduler.close()
         engine.close()
     return 0 if server.started else 1
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Take the listening socket before loading the model, so a taken port fails fast and clearly."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                         hint=f"is another program using the port? `ss -ltnp 'sport = :{port}'`; "
+                              "or change [server] listen") from None
+    sock.set_inheritable(False)
+    return sock
 
 
 def _warn_if_tiny(engine: Engine) -> None:

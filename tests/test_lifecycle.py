@@ -140,3 +140,15 @@ def test_text_only_model_refuses_images(daemon_factory: DaemonFactory, tiny_mode
                    json={"messages": [{"role": "user", "content": [image]}], "max_tokens": 2})
     assert text.status_code == 200
     assert r.status_code == 400 and "mmproj" in r.json()["error"]["message"]
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path, tiny_model: TinyModel) -> None:
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        setup = make_setup(tmp_path / "s", tiny_model, port)
+        r = run_cli("serve", "--policy", str(setup.policy))
+    assert r.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "hint" in r.stderr
