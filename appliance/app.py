@@ -22,6 +22,7 @@ from .inference import Completion, ModelInfo
 from .policy import Policy
 from .protocol import ChatJob, IntakeRules, parse_api_chat, parse_openai_chat
 from .scheduler import Job, Scheduler
+from .trail import Trail
 
 log = logging.getLogger("appliance.app")
 
@@ -33,6 +34,7 @@ class Runtime:
     policy: Policy
     model: ModelInfo
     scheduler: Scheduler
+    trail: Trail
     draining: bool = False
 
     def apply_policy(self, policy: Policy) -> None:
@@ -75,6 +77,9 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     rt = _rt(request)
     if rt.draining:
         return _json({"status": "draining"}, 503, {"retry-after": "5"})
+    if rt.trail.failing:
+        return _json({"status": "audit_failing", "reason": rt.trail.failing}, 503,
+                     {"retry-after": "5"})
     m = rt.model
     queue = {"waiting": rt.scheduler.waiting, "busy": rt.scheduler.busy,
              "max": rt.scheduler.max_queue}
@@ -114,6 +119,7 @@ async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, 
     body = await _body(request)
     parse = parse_api_chat if api else parse_openai_chat
     job_in = await asyncio.to_thread(parse, body, rt.rules(request.scope["state"]["policy"]))
+    request.scope["state"]["audit"] = rt.trail.describe_input(job_in.messages, rt.model.model_sha256)
     tag = request.scope["state"]["request_id"]
     return rt, job_in, rt.scheduler.submit(job_in.messages, job_in.params, tag)
 
@@ -127,11 +133,20 @@ async def _await_watching(request: Request[Any, Any, Any], job: Job) -> Completi
 
     watcher = asyncio.create_task(watch())
     try:
-        return await job.result()
+        c = await job.result()
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+    _account(request.scope, job, c)
+    return c
+
+
+def _account(scope: Any, job: Job, c: Completion) -> None:
+    """Token counts and queue time for the audit record (never the text)."""
+    scope["state"]["audit"].update(prompt_tokens=c.usage.prompt_tokens,
+                                   completion_tokens=c.usage.completion_tokens,
+                                   queue_ms=round(job.queue_ms, 1), finish_reason=c.finish_reason)
 
 
 def _usage(c: Completion) -> dict[str, int]:
@@ -146,7 +161,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     rt, job_in, job = await _intake(request, api=False)
     rid = f"chatcmpl-{request.scope['state']['request_id']}"
     if job_in.stream:
-        return await _sse(rt, job, rid)
+        return await _sse(rt, job, rid, request.scope)
     c = await _await_watching(request, job)
     return _json({
         "id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -156,7 +171,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
         "usage": _usage(c)})
 
 
-async def _sse(rt: Runtime, job: Job, rid: str) -> Stream:
+async def _sse(rt: Runtime, job: Job, rid: str, scope: Any) -> Stream:
     """Start the stream only once the first piece (or an early error) is known, so errors stay JSON."""
     pieces = job.pieces()
     first = await anext(pieces, None)
@@ -179,6 +194,7 @@ async def _sse(rt: Runtime, job: Job, rid: str) -> Stream:
                 async for piece in pieces:
                     yield chunk({"content": piece}, None)
             c = await job.result()
+            _account(scope, job, c)
             yield chunk({}, c.finish_reason, c)
             yield b"data: [DONE]\n\n"
         finally:
@@ -200,7 +216,8 @@ async def api_chat(request: Request[Any, Any, Any]) -> Response[bytes]:
 # --- errors -------------------------------------------------------------------------------------
 
 
-def _client_error(_: Request[Any, Any, Any], exc: ClientError) -> Response[bytes]:
+def _client_error(request: Request[Any, Any, Any], exc: ClientError) -> Response[bytes]:
+    request.scope["state"]["audit_reason"] = f"{exc.type}: {exc.message}"
     headers = {"retry-after": str(exc.retry_after)} if exc.retry_after is not None else None
     return Response(error_body(exc), status_code=exc.status, media_type="application/json",
                     headers=headers)
@@ -209,7 +226,7 @@ def _client_error(_: Request[Any, Any, Any], exc: ClientError) -> Response[bytes
 _HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code if 400 <= exc.status_code < 500 else 500
     message = {404: "no such route", 405: "method not allowed on this route",
                413: "request body is too large"}.get(status, "bad request")
@@ -217,6 +234,7 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
         message = "internal error"
     payload = {"error": {"type": _HTTP_TYPES.get(status, "invalid_request_error"),
                          "message": message}}
+    request.scope["state"]["audit_reason"] = f"{payload['error']['type']}: {message}"
     return Response(json.dumps(payload).encode(), status_code=status,
                     media_type="application/json")
 
@@ -225,6 +243,7 @@ def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Log the failure server-side; the client learns only the request id."""
     rid = request.scope.get("state", {}).get("request_id", "-")
     log.error("request %s failed: %s", rid, type(exc).__name__, exc_info=exc)
+    request.scope["state"]["audit_reason"] = f"internal_error: {type(exc).__name__}"
     payload = {"error": {"type": "internal_error",
                          "message": f"internal error; quote request id {rid} to the admin"}}
     return Response(json.dumps(payload).encode(), status_code=500, media_type="application/json")
@@ -242,4 +261,4 @@ def build_app(runtime: Runtime) -> Gate:
         logging_config=None,
     )
     app.state.runtime = runtime
-    return Gate(cast(ASGIApp, app), lambda: runtime.policy)
+    return Gate(cast(ASGIApp, app), lambda: runtime.policy, runtime.trail)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, certadmin, tokenadmin
+from . import __version__, auditadmin, certadmin, tokenadmin
 from .errors import ApplianceError
 from .policy import check_file_modes, load_policy
 from .settings import describe, markdown
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler in (("init", _init), ("serve", _serve), ("settings", _settings)):
         sub.choices[name].set_defaults(handler=handler)
     tokenadmin.register(sub)
+    auditadmin.register(sub)
     certadmin.register(sub)
     return ap
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .errors import ClientError, PayloadTooLarge, Unauthorized
+from .audit import AuditUnavailable
+from .errors import ClientError, PayloadTooLarge, ServiceUnavailable, Unauthorized
 from .identity import PUBLIC_PATHS, authenticate, network_gate
 from .limits import ClientLimits
 from .policy import Policy
+from .trail import Trail
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,6 +33,15 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"),
 )
+
+
+_AUDIT_DOWN = ServiceUnavailable("the audit trail cannot be written, so the request was refused",
+                                 retry_after=5)
+
+
+def _is_stream(message: Message) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+               for k, v in message.get("headers", []))
 
 
 def _noop() -> None:
@@ -54,11 +66,13 @@ def error_body(exc: ClientError) -> bytes:
 
 
 class Gate:
-    """Network gate → identity → limits, before the app sees the request; headers on every response."""
+    """Network gate → identity → limits, before the app sees the request; audit and headers on every
+    response."""
 
-    def __init__(self, app: ASGIApp, policy: Callable[[], Policy]) -> None:
+    def __init__(self, app: ASGIApp, policy: Callable[[], Policy], trail: Trail) -> None:
         self.app = app
         self.policy = policy
+        self.trail = trail
         self.limits = ClientLimits()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -68,17 +82,56 @@ class Gate:
         request_id = secrets.token_hex(12)
         policy = self.policy()  # one snapshot per request: a reload never changes it midway
         state = scope.setdefault("state", {})
-        state.update(request_id=request_id, policy=policy)
+        state.update(request_id=request_id, policy=policy, t0=time.monotonic())
         send = self._headers(send, request_id)
         try:
             release = self._admit(scope, policy)
         except ClientError as exc:
-            await self._refuse(send, exc)
+            state["audit_reason"] = f"{exc.type}: {exc.message}"
+            await self._refuse_audited(scope, send, exc)
             return
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, self._audited(scope, send))
         finally:
             release()
+            if state.get("stream_open"):
+                state["audit_reason"] = "stream ended early (client disconnected or error)"
+                await self.trail.write("request.complete", **self.trail.request_fields(scope, 200))
+
+    async def _refuse_audited(self, scope: Scope, send: Send, exc: ClientError) -> None:
+        """Every refusal is recorded too; if even that fails, the answer is 503."""
+        try:
+            await self.trail.write("request", **self.trail.request_fields(scope, exc.status))
+        except AuditUnavailable:
+            exc = _AUDIT_DOWN
+        await self._refuse(send, exc)
+
+    def _audited(self, scope: Scope, send: Send) -> Send:
+        """Record before the first byte (and at the end of a stream); no record, no answer."""
+        swallow = streaming = False
+
+        async def wrapped(message: Message) -> None:
+            nonlocal swallow, streaming
+            if message["type"] == "http.response.start":
+                streaming = _is_stream(message)
+                scope["state"]["stream_open"] = streaming
+                fields = self.trail.request_fields(scope, int(message["status"]))
+                try:
+                    await self.trail.write("request", streaming=streaming or None, **fields)
+                except AuditUnavailable:
+                    swallow = True
+                    await self._refuse(send, _AUDIT_DOWN)
+                    return
+            elif message["type"] == "http.response.body":
+                if swallow:
+                    return
+                if streaming and not message.get("more_body", False):
+                    scope["state"]["stream_open"] = False
+                    await self.trail.write("request.complete",
+                                           **self.trail.request_fields(scope, 200))
+            await send(message)
+
+        return wrapped
 
     def _admit(self, scope: Scope, policy: Policy) -> Callable[[], None]:
         caller = network_gate(dict(scope), policy)

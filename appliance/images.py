@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import os
 import re
@@ -43,6 +44,7 @@ def from_image_url(url: str, limits: ImageLimits) -> RGBImage:
     """An OpenAI `image_url`: only `data:image/(png|jpeg|webp);base64,` is accepted, nothing is fetched."""
     if not _DATA_URI.match(url):
         scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else "a bare path"
+        scheme = scheme if re.fullmatch(r"[a-z][a-z0-9+.-]{0,14}", scheme) else "such"
         raise BadRequest(
             f"image_url must be a data:image/png, image/jpeg or image/webp base64 URI; "
             f"{scheme!s} URLs are never fetched by this appliance")
@@ -140,7 +142,8 @@ def decode(data: bytes, limits: ImageLimits) -> RGBImage:
     except (OSError, SyntaxError, ValueError, EOFError):
         raise BadRequest("image is corrupt or truncated") from None
     return RGBImage(width=rgb.width, height=rgb.height, rgb=rgb.tobytes(),
-                    source_bytes=len(data), source_format=fmt)
+                    source_bytes=len(data), source_format=fmt,
+                    source_sha256=hashlib.sha256(data).hexdigest())
 
 
 def _looks_accepted(data: bytes) -> bool:

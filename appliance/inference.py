@@ -21,6 +21,7 @@ class RGBImage:
     rgb: bytes
     source_bytes: int  # size of the encoded input, for audit and metrics
     source_format: str  # "PNG" | "JPEG" | "WEBP"
+    source_sha256: str = ""  # of the encoded input: audit keeps only HMAC(key, this), never the bytes
 
 
 Part = str | RGBImage

@@ -84,6 +84,17 @@ class LimitsPolicy:
 
 
 @dataclass(frozen=True)
+class AuditPolicy:
+    dir: Path
+    hmac_key_file: Path
+    fsync: str
+    fsync_interval_ms: int
+    rotate_bytes: int
+    retention_days: int
+    fail_closed: bool
+
+
+@dataclass(frozen=True)
 class Client:
     """One identity: a token, optionally bound to addresses and a certificate."""
 
@@ -108,6 +119,7 @@ class Policy:
     server: ServerPolicy
     model: ModelPolicy
     limits: LimitsPolicy
+    audit: AuditPolicy
     clients: tuple[Client, ...]
 
 
@@ -165,6 +177,7 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Policy:
     server = _section(errs, base, doc, "server")
     model = _section(errs, base, doc, "model")
     limits = _section(errs, base, doc, "limits")
+    audit = _section(errs, base, doc, "audit")
     clients = _clients(errs, base, doc.get("clients", []))
     errs.raise_if_any()
     host, port = server.pop("listen")
@@ -172,7 +185,8 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Policy:
     server["trusted_proxies"] = tuple(server["trusted_proxies"])
     server["revoked"] = frozenset(server["revoked"])
     policy = Policy(file=path, digest=digest, server=ServerPolicy(host=host, port=port, **server),
-                    model=ModelPolicy(**model), limits=LimitsPolicy(**limits), clients=clients)
+                    model=ModelPolicy(**model), limits=LimitsPolicy(**limits),
+                    audit=AuditPolicy(**audit), clients=clients)
     _cross_check(errs, policy)
     errs.raise_if_any()
     return policy

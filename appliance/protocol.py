@@ -55,8 +55,7 @@ def parse_openai_chat(body: Any, rules: IntakeRules) -> ChatJob:
     body = _object(body, "body")
     model = body.get("model")
     if model is not None and model != rules.model_name:
-        raise NotFound(f"model {str(model)[:64]!r} is not served here; GET /v1/models lists "
-                       f"{rules.model_name!r}")
+        raise NotFound(f"that model is not served here; GET /v1/models lists {rules.model_name!r}")
     if body.get("n", 1) != 1:
         raise BadRequest("n must be 1: one completion per request")
     raw = body.get("messages")

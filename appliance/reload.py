@@ -13,12 +13,13 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+from .audit import AuditLog, AuditUnavailable
 from .errors import ConfigError, TLSSetupError
 from .policy import Policy, check_file_modes, load_policy
 
 log = logging.getLogger("appliance.reload")
 
-RESTART_ONLY = ("listen address", "model", "body size ceiling")
+RESTART_ONLY = ("listen address", "model", "body size ceiling", "audit settings")
 
 
 def _digest(path: Path | None) -> str | None:
@@ -31,8 +32,10 @@ def _digest(path: Path | None) -> str | None:
 class PolicyReloader:
     """Owns the live policy; `apply` receives every accepted policy (runtime, queue, limits)."""
 
-    def __init__(self, policy: Policy, tls: ssl.SSLContext, apply: Callable[[Policy], None]) -> None:
+    def __init__(self, policy: Policy, tls: ssl.SSLContext, apply: Callable[[Policy], None],
+                 audit: AuditLog | None = None) -> None:
         self.policy = policy
+        self.audit = audit
         self.tls = tls
         self.apply = apply
         self._tls_digests = self._tls_files(policy)
@@ -57,14 +60,27 @@ class PolicyReloader:
             self.rejected += 1
             log.error("policy reload (%s) REJECTED, still enforcing %s: %s", reason,
                       old.digest[:16], exc)
+            keys = sorted({e.key or "-" for e in getattr(exc, "errors", [exc])})
+            self._record("rejected", reason, old.digest, _digest(old.file), ", ".join(keys))
             return False
         self._warn_restart_only(old, new)
         self.policy = new
         self.apply(new)
         self.accepted += 1
+        self._record("accepted", reason, old.digest, new.digest, None)
         log.info("policy reload (%s) accepted: %s -> %s, %d clients", reason, old.digest[:16],
                  new.digest[:16], len(new.clients))
         return True
+
+    def _record(self, outcome: str, trigger: str, old: str, new: str | None, keys: str | None) -> None:
+        """Audit every reload; a failure here is logged, the reload decision stands."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.write("policy.reload", outcome=outcome, reason=trigger, old_policy_sha256=old,
+                             new_policy_sha256=new, rejected_keys=keys)
+        except AuditUnavailable as exc:
+            log.error("policy reload could not be audited: %s", exc)
 
     def _reload_tls(self, new: Policy) -> None:
         digests = self._tls_files(new)
@@ -87,6 +103,7 @@ class PolicyReloader:
             (old.server.host, old.server.port) != (new.server.host, new.server.port),
             old.model != new.model,
             new.limits.max_body_bytes > old.limits.max_body_bytes,
+            old.audit != new.audit,
         ]
         for what, diff in zip(RESTART_ONLY, changed, strict=True):
             if diff:

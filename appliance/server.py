@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -17,14 +18,17 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import __version__
 from .app import Runtime, build_app
+from .audit import AuditConfig, AuditLog, AuditUnavailable, Hmac, load_hmac_key
 from .engine import Engine
-from .errors import SetupError
+from .errors import ApplianceError, SetupError
 from .inference import EngineConfig
 from .policy import Policy, check_file_modes, load_policy
 from .reload import PolicyReloader
 from .scheduler import Scheduler
 from .tls import peer_cert, server_context
+from .trail import Trail
 
 log = logging.getLogger("appliance.server")
 TINY_MODEL_MARK = "random weights"
@@ -68,12 +72,21 @@ class ApplianceServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reloader.reload, "SIGHUP")
-        watcher = loop.create_task(self.reloader.watch())
+        tasks = [loop.create_task(self.reloader.watch()), loop.create_task(self._purge_hourly())]
         try:
             await super().serve(sockets)
         finally:
-            watcher.cancel()
+            for task in tasks:
+                task.cancel()
             loop.remove_signal_handler(signal.SIGHUP)
+
+    async def _purge_hourly(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await asyncio.to_thread(self.runtime.trail.audit.purge)
+            except (OSError, AuditUnavailable) as exc:
+                log.error("audit retention purge failed: %s", exc)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.runtime.draining = True
@@ -111,20 +124,21 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     policy = load_policy(policy_file)
     check_file_modes(policy)
     ctx = server_context(policy.server)  # fail on TLS problems before the slow model load
+    audit = open_audit(policy)  # and when the audit trail cannot be written
+    audit.write("daemon.start", reason=f"qwen-appliance {__version__}", pid=os.getpid(),
+                policy_sha256=policy.digest)
     host, port = listen or (policy.server.host, policy.server.port)
-    sock = bind(host, port)  # and on a taken port
-    engine = Engine.load(engine_config(policy))
-    info = engine.info
-    log.info("model %s: %s %s, %d bytes, sha256 %s; GPU offload %s", info.name,
-             info.architecture, info.quantization, info.model_bytes, info.model_sha256,
-             "ACTIVE" if info.gpu_offload_active else "not active (CPU inference)")
-    if info.mmproj_path:
-        log.info("mmproj %s: %d bytes, sha256 %s", info.mmproj_path, info.mmproj_bytes,
-                 info.mmproj_sha256)
-    _warn_if_tiny(engine)
+    try:
+        sock = bind(host, port)  # and on a taken port
+        engine = load_engine(policy, audit)
+    except ApplianceError as exc:
+        audit.write("daemon.stop", reason=f"start-up failed: {exc.message}")
+        audit.close()
+        raise
+    trail = Trail(audit, Hmac(load_hmac_key(policy.audit.hmac_key_file)), policy.audit.fail_closed)
     scheduler = Scheduler(engine, policy.limits.max_queue)
-    runtime = Runtime(policy=policy, model=info, scheduler=scheduler)
-    reloader = PolicyReloader(policy, ctx, runtime.apply_policy)
+    runtime = Runtime(policy=policy, model=engine.info, scheduler=scheduler, trail=trail)
+    reloader = PolicyReloader(policy, ctx, runtime.apply_policy, audit)
     config = uvicorn_config(build_app(runtime), policy, ctx, host, port)
     server = ApplianceServer(config, runtime, reloader)
     try:
@@ -133,7 +147,45 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
         sock.close()
         scheduler.close()
         engine.close()
+        audit.write("daemon.stop", reason="shutdown")
+        audit.close()
     return 0 if server.started else 1
+
+
+def open_audit(policy: Policy) -> AuditLog:
+    """Open the trail (repairing a torn tail) and purge expired files; failure stops start-up."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit must surface as EFBIG, not a kill
+    load_hmac_key(policy.audit.hmac_key_file)
+    a = policy.audit
+    audit = AuditLog(AuditConfig(dir=a.dir, hmac_key_file=a.hmac_key_file, fsync=a.fsync,
+                                 fsync_interval_ms=a.fsync_interval_ms, rotate_bytes=a.rotate_bytes,
+                                 retention_days=a.retention_days, fail_closed=a.fail_closed))
+    try:
+        audit.open()
+        audit.purge()
+    except OSError as exc:
+        raise SetupError(f"{a.dir}: the audit trail cannot be written ({exc.strerror})",
+                         hint="check [audit] dir exists, is writable by the service user and has "
+                              "free space") from None
+    return audit
+
+
+def load_engine(policy: Policy, audit: AuditLog) -> Engine:
+    """Load the model, log and audit what was loaded."""
+    engine = Engine.load(engine_config(policy))
+    info = engine.info
+    log.info("model %s: %s %s, %d bytes, sha256 %s; GPU offload %s", info.name,
+             info.architecture, info.quantization, info.model_bytes, info.model_sha256,
+             "ACTIVE" if info.gpu_offload_active else "not active (CPU inference)")
+    if info.mmproj_path:
+        log.info("mmproj %s: %d bytes, sha256 %s", info.mmproj_path, info.mmproj_bytes,
+                 info.mmproj_sha256)
+    audit.write("model.load", model_sha256=info.model_sha256, mmproj_sha256=info.mmproj_sha256,
+                model_bytes=info.model_bytes, mmproj_bytes=info.mmproj_bytes,
+                reason=f"{info.architecture} {info.quantization}; GPU offload "
+                       f"{'active' if info.gpu_offload_active else 'not active'}")
+    _warn_if_tiny(engine)
+    return engine
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -91,6 +91,23 @@ SETTINGS: tuple[Setting, ...] = (
     _s("limits", "max_queue", "int", 16,
        "Requests waiting for the engine; beyond this clients get 503 with Retry-After.",
        minimum=1),
+    # [audit]
+    _s("audit", "dir", "path", "audit",
+       "Directory of the JSON Lines audit trail (0700; files 0600)."),
+    _s("audit", "hmac_key_file", "path", "audit.key",
+       "Key for the HMAC digests of prompts and images (0600); without it nothing can be correlated."),
+    _s("audit", "fsync", "choice", "always",
+       "\"always\": every record is on disk before the response; \"interval\" is faster but a power "
+       "cut can lose the last fsync_interval_ms of records.", choices=("always", "interval")),
+    _s("audit", "fsync_interval_ms", "int", 1000,
+       "Longest time between fsyncs when fsync = \"interval\".", minimum=1, maximum=60000),
+    _s("audit", "rotate_bytes", "int", 100_000_000,
+       "Size at which a file is sealed and a new one started (also at UTC midnight).",
+       minimum=4096),
+    _s("audit", "retention_days", "int", 30,
+       "Files older than this are deleted (each deletion is itself recorded).", minimum=1),
+    _s("audit", "fail_closed", "bool", True,
+       "Refuse requests with 503 while records cannot be written; false serves without an audit trail."),
     # [[clients]]
     _s("clients", "name", "str", REQUIRED, "Client identity, shown in logs and the audit trail."),
     _s("clients", "token_sha256", "str", REQUIRED,
@@ -114,7 +131,7 @@ SETTINGS: tuple[Setting, ...] = (
        "Switch a client off without deleting it; its token then gets 401."),
 )
 
-SECTIONS = ("server", "model", "limits", "clients")
+SECTIONS = ("server", "model", "limits", "audit", "clients")
 
 
 # One TOML line per key, shown in `qwen-appliance settings` and docs/policy.md.
@@ -145,6 +162,13 @@ EXAMPLES = {
     "limits.max_images": "max_images = 4",
     "limits.max_tokens": "max_tokens = 2048",
     "limits.max_queue": "max_queue = 16",
+    "audit.dir": 'dir = "/var/log/qwen-appliance"',
+    "audit.hmac_key_file": 'hmac_key_file = "/etc/qwen-appliance/audit.key"',
+    "audit.fsync": 'fsync = "always"',
+    "audit.fsync_interval_ms": "fsync_interval_ms = 200",
+    "audit.rotate_bytes": "rotate_bytes = 100_000_000",
+    "audit.retention_days": "retention_days = 90",
+    "audit.fail_closed": "fail_closed = true",
     "clients.name": 'name = "teller-03"',
     "clients.token_sha256": 'token_sha256 = "e3b0...64 hex digits"',
     "clients.scopes": 'scopes = ["chat"]',

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import pki
+from .audit import new_hmac_key
 from .errors import SetupError
 from .tokens import new_token, token_digest
 
@@ -42,6 +43,13 @@ max_image_pixels = 16_000_000
 max_images = 8
 max_tokens = 2048
 max_queue = 16
+
+[audit]
+dir = "audit"              # content-free, hash-chained JSON Lines; verify with `qwen-appliance audit verify`
+hmac_key_file = "audit.key"   # HMAC key for prompt and image digests (0600)
+fsync = "always"
+retention_days = 30
+fail_closed = true         # no audit record, no answer
 
 [[clients]]
 name = {client}
@@ -100,6 +108,8 @@ def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = N
     pki.save(pki.new_client_cert(ca, client), bundle / "client.crt", bundle / "client.key")
     pki.write_public(bundle / "ca.crt", pki.cert_pem(ca.cert))
     (directory / "data").mkdir(exist_ok=True)
+    if not (directory / "audit.key").exists() or force:
+        pki.write_secret(directory / "audit.key", new_hmac_key().encode())
     token = new_token()
     if token_file is not None:
         pki.write_secret(token_file, token.encode() + b"\n")
