@@ -17,7 +17,7 @@ DEV := dev
 POLICY ?= $(DEV)/policy.toml
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint typecheck check dev clean
+.PHONY: run test lint typecheck check dev clean install
 
 $(STAMP): pyproject.toml constraints.txt tools/build_llama_wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,3 +60,62 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) $(TINY) $(DEV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- make install: the branch server under systemd (README, "Installing on the branch server") -----------
+# Needs root. DESTDIR=/tmp/stage lays out the same tree under a staging root without touching this host
+# (no sysusers, tmpfiles or systemctl; chown only where the qwen-appliance user exists here).
+APP_DIR ?= /opt/qwen-appliance
+CONF_DIR ?= /etc/qwen-appliance
+UNIT_DIR ?= /etc/systemd/system
+SVC_USER := qwen-appliance
+LISTEN ?= 0.0.0.0:8443
+# The manifest's default pair, where `qwen-appliance model pull` / `model import` put it.
+MODEL ?= /var/lib/qwen-appliance/models/Qwen3VL-2B-Instruct-Q4_K_M.gguf
+MMPROJ ?= /var/lib/qwen-appliance/models/mmproj-Qwen3VL-2B-Instruct-F16.gguf
+AUDIT_DIR ?= /var/log/qwen-appliance
+PIP_ARGS ?=
+D := $(DESTDIR)
+IVENV := $(D)$(APP_DIR)/.venv
+CHOWN = if id -u $(SVC_USER) >/dev/null 2>&1; then chown $(1) $(2); \
+	else echo "note: no user $(SVC_USER) on this host, not running chown $(1)"; fi
+
+install:
+	@test -n "$(DESTDIR)" || test "$$(id -u)" = 0 \
+		|| { echo "make install needs root (or DESTDIR=...)" >&2; exit 1; }
+	@base=$$($(PYTHON) -c 'import sys; print(sys.base_prefix)'); case $$base in /root*|/home*) \
+		echo "$(if $(D),warning,error): $(PYTHON) lives in $$base, which the service (ProtectHome=yes)" \
+		"cannot reach; use PYTHON=/usr/bin/python3" >&2; $(if $(D),,exit 1);; esac
+	$(if $(D),,systemd-sysusers $(CURDIR)/systemd/qwen-appliance.sysusers)
+	install -d -m 0755 $(D)$(APP_DIR)
+	tar -c --exclude=__pycache__ appliance pyproject.toml constraints.txt README.md docs systemd \
+		$(wildcard models/manifest.toml) \
+		| tar -x --no-same-owner -C $(D)$(APP_DIR)
+	test -x $(IVENV)/bin/python || $(PYTHON) -m venv $(IVENV)
+	CMAKE_ARGS="$(CMAKE_ARGS)" WHEEL_DIR="$(WHEEL_DIR)" \
+		tools/build_llama_wheel.sh $(IVENV)/bin/python $(LLAMA_VERSION)
+	$(IVENV)/bin/python -m pip install --quiet -c constraints.txt --find-links "$(WHEEL_DIR)" $(PIP_ARGS) \
+		"llama-cpp-python==$(LLAMA_VERSION)" $(D)$(APP_DIR)
+	rm -rf $(D)$(APP_DIR)/build $(D)$(APP_DIR)/*.egg-info
+	@# Under DESTDIR, scripts must name the interpreter where it will live, not the staging path.
+	$(if $(D),grep -lI '$(IVENV)' $(IVENV)/bin/* $(IVENV)/pyvenv.cfg \
+		| xargs -r sed -i 's|$(IVENV)|$(APP_DIR)/.venv|g')
+	chmod -R u=rwX,go=rX $(D)$(APP_DIR)
+	test -e $(D)$(CONF_DIR)/policy.toml || { $(IVENV)/bin/python -m appliance init $(D)$(CONF_DIR) \
+		--listen $(LISTEN) --model $(MODEL) --mmproj $(MMPROJ) \
+		&& sed -i 's|^dir = "audit"|dir = "$(AUDIT_DIR)"|' $(D)$(CONF_DIR)/policy.toml; }
+	cd $(D)$(CONF_DIR) && chmod 0750 . tls data && chmod 0700 clients && chmod 0640 policy.toml tls/*.crt \
+		&& chmod 0600 tls/*.key audit.key
+	cd $(D)$(CONF_DIR) && $(call CHOWN,root:$(SVC_USER),. tls data policy.toml tls/*.crt)
+	cd $(D)$(CONF_DIR) && $(call CHOWN,$(SVC_USER):$(SVC_USER),tls/server.key audit.key)
+	install -d -m 0755 $(D)$(UNIT_DIR) $(D)/etc/sysusers.d $(D)/etc/tmpfiles.d
+	for u in service socket; do f=$(D)$(UNIT_DIR)/qwen-appliance.$$u; \
+		sed 's|/opt/qwen-appliance|$(APP_DIR)|g; s|/etc/qwen-appliance|$(CONF_DIR)|g' \
+		systemd/qwen-appliance.$$u > $$f && chmod 0644 $$f; done
+	install -m 0644 systemd/qwen-appliance.sysusers $(D)/etc/sysusers.d/qwen-appliance.conf
+	install -m 0644 systemd/qwen-appliance.tmpfiles $(D)/etc/tmpfiles.d/qwen-appliance.conf
+	$(if $(D),,systemd-tmpfiles --create /etc/tmpfiles.d/qwen-appliance.conf)
+	$(if $(D),,systemctl daemon-reload)
+	@echo "Installed. Put the model pair into /var/lib/qwen-appliance/models/ (qwen-appliance model import"
+	@echo "or model pull, or a root-owned 0644 copy), then:"
+	@echo "  $(APP_DIR)/.venv/bin/qwen-appliance policy check $(CONF_DIR)/policy.toml"
+	@echo "  systemctl enable --now qwen-appliance.socket qwen-appliance.service"

@@ -8,17 +8,19 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
-from . import images
+from . import health, images
 from .errors import BadRequest, ClientError, ServiceUnavailable, UnsupportedMediaType
 from .gate import ASGIApp, Gate, error_body
+from .gpu import GpuMonitor
 from .inference import Completion, ModelInfo
+from .metrics import CONTENT_TYPE, Metrics
 from .policy import Policy
 from .protocol import ChatJob, IntakeRules, parse_api_chat, parse_openai_chat
 from .scheduler import Job, Scheduler
@@ -35,11 +37,19 @@ class Runtime:
     model: ModelInfo
     scheduler: Scheduler
     trail: Trail
+    metrics: Metrics = field(default_factory=Metrics)
+    gpu: GpuMonitor | None = None
+    policy_loaded_at: float = field(default_factory=time.time)
     draining: bool = False
+
+    def gpu_snapshot(self) -> dict[str, Any]:
+        return self.gpu.snapshot() if self.gpu is not None else {"available": False,
+                                                                 "reason": "GPU monitor not started"}
 
     def apply_policy(self, policy: Policy) -> None:
         """Swap in a reloaded policy; requests already admitted keep their snapshot."""
         self.policy = policy
+        self.policy_loaded_at = time.time()
         self.scheduler.max_queue = policy.limits.max_queue
 
     def rules(self, policy: Policy) -> IntakeRules:
@@ -77,15 +87,53 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     rt = _rt(request)
     if rt.draining:
         return _json({"status": "draining"}, 503, {"retry-after": "5"})
-    if rt.trail.failing:
-        return _json({"status": "audit_failing", "reason": rt.trail.failing}, 503,
-                     {"retry-after": "5"})
+    reasons = health.not_ready_reasons(rt.policy, rt.gpu_snapshot(), rt.trail.failing)
+    if reasons:
+        return _json({"status": "not_ready", "reasons": reasons}, 503, {"retry-after": "5"})
     m = rt.model
     queue = {"waiting": rt.scheduler.waiting, "busy": rt.scheduler.busy,
              "max": rt.scheduler.max_queue}
     return _json({"status": "ready", "model": m.name, "images": m.supports_images, "queue": queue,
                   "gpu_offload": {"supported": m.gpu_offload_supported,
                                   "active": m.gpu_offload_active}})
+
+
+@get("/api/v1/health")
+async def health_report(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Everything an admin checks first (scope admin): engine, queue, GPU, host, audit, certs, policy."""
+    rt = _rt(request)
+    m, gpu = rt.model, rt.gpu_snapshot()
+    host = await asyncio.to_thread(health.host_figures, rt.policy)
+    return _json({
+        "status": "draining" if rt.draining else "ok",
+        "not_ready": health.not_ready_reasons(rt.policy, gpu, rt.trail.failing),
+        "engine": {"model": m.name, "architecture": m.architecture, "quantization": m.quantization,
+                   "model_sha256": m.model_sha256, "mmproj_sha256": m.mmproj_sha256,
+                   "images": m.supports_images, "n_ctx": m.n_ctx, "threads": m.threads,
+                   "gpu_offload": {"supported": m.gpu_offload_supported,
+                                   "active": m.gpu_offload_active, "n_gpu_layers": m.n_gpu_layers},
+                   "busy": rt.scheduler.busy},
+        "queue": {"waiting": rt.scheduler.waiting, "max": rt.scheduler.max_queue},
+        "gpu": gpu, "host": host,
+        "audit": {"failing": rt.trail.failing, "dir": str(rt.policy.audit.dir),
+                  "fsync": rt.policy.audit.fsync, "records_failed": rt.trail.audit.failures},
+        "certificates": health.certificates(rt.policy),
+        "policy": health.policy_facts(rt.policy, rt.policy_loaded_at)})
+
+
+@get("/metrics")
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Prometheus text format (scope metrics)."""
+    rt = _rt(request)
+
+    def refresh() -> None:
+        rt.metrics.queue_depth.set(rt.scheduler.waiting)
+        for name, days in health.certificates(rt.policy).items():
+            if days is not None:
+                rt.metrics.cert_days.labels(name.removesuffix("_days_left")).set(days)
+        rt.metrics.observe_gpu(rt.gpu_snapshot())
+
+    return Response(rt.metrics.render(refresh), media_type=CONTENT_TYPE)
 
 
 @get("/v1/models")
@@ -118,7 +166,10 @@ async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, 
         raise ServiceUnavailable("the appliance is shutting down", retry_after=5)
     body = await _body(request)
     parse = parse_api_chat if api else parse_openai_chat
+    started = time.monotonic()
     job_in = await asyncio.to_thread(parse, body, rt.rules(request.scope["state"]["policy"]))
+    rt.metrics.intake.observe(time.monotonic() - started)
+    rt.metrics.images.inc(len(job_in.images))
     request.scope["state"]["audit"] = rt.trail.describe_input(job_in.messages, rt.model.model_sha256)
     tag = request.scope["state"]["request_id"]
     return rt, job_in, rt.scheduler.submit(job_in.messages, job_in.params, tag)
@@ -252,7 +303,7 @@ def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 def build_app(runtime: Runtime) -> Gate:
     """The Litestar app wrapped in the gate; nothing is reachable around it."""
     app = Litestar(
-        route_handlers=[healthz, readyz, models, chat_completions, api_chat],
+        route_handlers=[healthz, readyz, health_report, metrics, models, chat_completions, api_chat],
         exception_handlers={ClientError: _client_error, HTTPException: _http_error,
                             Exception: _crash},
         request_max_body_size=runtime.policy.limits.max_body_bytes,

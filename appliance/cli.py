@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, auditadmin, certadmin, tokenadmin
+from . import __version__, auditadmin, certadmin, modeladmin, tokenadmin
 from .errors import ApplianceError
 from .policy import check_file_modes, load_policy
 from .settings import describe, markdown
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     tokenadmin.register(sub)
     auditadmin.register(sub)
     certadmin.register(sub)
+    modeladmin.register(sub)
     return ap
 
 

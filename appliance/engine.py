@@ -771,6 +771,10 @@ def _make_sampler(params: SamplingParams) -> llama_cpp.llama_sampler_p:
 # --- load helpers -------------------------------------------------------------------------------
 
 
+_SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+                "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+
+
 def _open_llama(config: EngineConfig, threads: int) -> llama_cpp.Llama:
     """Create the Llama (model + context) or raise ModelLoadError with llama.cpp's reason."""
     with _capture_native_errors() as errors:
@@ -782,6 +786,9 @@ def _open_llama(config: EngineConfig, threads: int) -> llama_cpp.Llama:
                 n_threads=threads,
                 n_threads_batch=threads,
                 use_mlock=config.use_mlock,
+                split_mode=_SPLIT_MODES[config.split_mode],
+                main_gpu=config.main_gpu,
+                tensor_split=list(config.tensor_split) or None,
                 verbose=False,
             )
         except Exception as e:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .audit import AuditUnavailable
 from .errors import ClientError, PayloadTooLarge, ServiceUnavailable, Unauthorized
-from .identity import PUBLIC_PATHS, authenticate, network_gate
+from .identity import PUBLIC_PATHS, authorize, identify, network_gate
 from .limits import ClientLimits
 from .policy import Policy
 from .trail import Trail
@@ -88,6 +88,7 @@ class Gate:
             release = self._admit(scope, policy)
         except ClientError as exc:
             state["audit_reason"] = f"{exc.type}: {exc.message}"
+            self._count(scope, exc.status)
             await self._refuse_audited(scope, send, exc)
             return
         try:
@@ -106,6 +107,13 @@ class Gate:
             exc = _AUDIT_DOWN
         await self._refuse(send, exc)
 
+    def _count(self, scope: Scope, status: int) -> None:
+        metrics, state = self.trail.metrics, scope["state"]
+        if metrics is not None:
+            caller = state.get("caller")
+            client = caller.client.name if caller is not None and caller.client else None
+            metrics.observe_response(scope.get("path", ""), status, client, state.get("audit_reason"))
+
     def _audited(self, scope: Scope, send: Send) -> Send:
         """Record before the first byte (and at the end of a stream); no record, no answer."""
         swallow = streaming = False
@@ -113,6 +121,7 @@ class Gate:
         async def wrapped(message: Message) -> None:
             nonlocal swallow, streaming
             if message["type"] == "http.response.start":
+                self._count(scope, int(message["status"]))
                 streaming = _is_stream(message)
                 scope["state"]["stream_open"] = streaming
                 fields = self.trail.request_fields(scope, int(message["status"]))
@@ -138,8 +147,9 @@ class Gate:
         scope["state"]["caller"] = caller
         if scope.get("path", "") in PUBLIC_PATHS:
             return _noop
-        caller = authenticate(dict(scope), policy, caller)
-        scope["state"]["caller"] = caller
+        caller = identify(dict(scope), policy, caller)
+        scope["state"]["caller"] = caller  # known from here on: audited even if refused below
+        authorize(dict(scope), caller)
         _check_length(scope, policy)
         assert caller.client is not None
         return self.limits.acquire(caller.client)

@@ -22,6 +22,8 @@ ROUTE_SCOPES = {
     "/v1/chat/completions": "chat",
     "/api/v1/chat": "chat",
     "/v1/models": "models",
+    "/metrics": "metrics",
+    "/api/v1/health": "admin",
 }
 
 
@@ -82,13 +84,19 @@ def _bearer(scope: dict[str, Any]) -> str | None:
     return token if scheme.lower() == "bearer" and token and token.isprintable() else None
 
 
-def authenticate(scope: dict[str, Any], policy: Policy, caller: Caller,
-                 today: dt.date | None = None) -> Caller:
-    """Select the client by token, then check every rule bound to it and the route's scope."""
+def identify(scope: dict[str, Any], policy: Policy, caller: Caller) -> Caller:
+    """Select the client by its token; unknown and disabled tokens look the same (401)."""
     token = _bearer(scope)
     client = find_client(policy.clients, token) if token else None
     if client is None or client.disabled:
         raise Unauthorized("a valid bearer token is required (Authorization: Bearer ...)")
+    return Caller(ip=caller.ip, cert=caller.cert, client=client)
+
+
+def authorize(scope: dict[str, Any], caller: Caller, today: dt.date | None = None) -> None:
+    """Every rule bound to the identified client, then the route's scope."""
+    client = caller.client
+    assert client is not None
     if client.expires is not None and (today or dt.datetime.now(dt.timezone.utc).date()) \
             > client.expires:
         raise Unauthorized(f"this token expired on {client.expires.isoformat()}; "
@@ -100,7 +108,6 @@ def authenticate(scope: dict[str, Any], policy: Policy, caller: Caller,
     needed = ROUTE_SCOPES.get(scope.get("path", ""))
     if needed and needed not in client.scopes:
         raise Forbidden(f"this client lacks the {needed!r} scope")
-    return Caller(ip=caller.ip, cert=caller.cert, client=client)
 
 
 def _check_cert(client: Client, cert: dict[str, Any] | None) -> None:

@@ -64,6 +64,9 @@ class EngineConfig:
     image_min_tokens: int = 0  # 0 = llama.cpp default
     image_max_tokens: int = 0  # 0 = llama.cpp default
     use_mlock: bool = False
+    split_mode: str = "layer"  # several GPUs: llama.cpp's own split ("none" | "layer" | "row")
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()
     model_sha256: str | None = None  # pinned digests: a different file is refused before parsing
     mmproj_sha256: str | None = None
 

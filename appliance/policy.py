@@ -69,6 +69,11 @@ class ModelPolicy:
     data_dir: Path | None
     image_min_tokens: int
     image_max_tokens: int
+    require_gpu: bool
+    use_mlock: bool
+    split_mode: str
+    main_gpu: int
+    tensor_split: tuple[float, ...]
     sha256: str | None
     mmproj_sha256: str | None
 
@@ -92,6 +97,14 @@ class AuditPolicy:
     rotate_bytes: int
     retention_days: int
     fail_closed: bool
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    max_gpu_temp_c: int
+    min_audit_free_mb: int
+    fail_on_ecc_uncorrected: bool
+    gpu_poll_seconds: int
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,7 @@ class Policy:
     model: ModelPolicy
     limits: LimitsPolicy
     audit: AuditPolicy
+    health: HealthPolicy
     clients: tuple[Client, ...]
 
 
@@ -178,15 +192,17 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Policy:
     model = _section(errs, base, doc, "model")
     limits = _section(errs, base, doc, "limits")
     audit = _section(errs, base, doc, "audit")
+    health = _section(errs, base, doc, "health")
     clients = _clients(errs, base, doc.get("clients", []))
     errs.raise_if_any()
     host, port = server.pop("listen")
     server["allow"] = tuple(server["allow"])
     server["trusted_proxies"] = tuple(server["trusted_proxies"])
     server["revoked"] = frozenset(server["revoked"])
+    model["tensor_split"] = tuple(model["tensor_split"])
     policy = Policy(file=path, digest=digest, server=ServerPolicy(host=host, port=port, **server),
                     model=ModelPolicy(**model), limits=LimitsPolicy(**limits),
-                    audit=AuditPolicy(**audit), clients=clients)
+                    audit=AuditPolicy(**audit), health=HealthPolicy(**health), clients=clients)
     _cross_check(errs, policy)
     errs.raise_if_any()
     return policy
@@ -311,10 +327,17 @@ def _rate(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> An
     return Rate(int(m.group(1)), _UNIT_SECONDS[m.group(2)])
 
 
+def _floats(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
+    if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value):
+        return bad("must be a list of non-negative numbers, e.g. [3, 1]")
+    return [float(v) for v in value]
+
+
 _KINDS: dict[str, Callable[[Setting, Any, Callable[[str], Any], Path], Any]] = {
     "int": _int, "str": _str, "choice": _str, "bool": _bool, "path": _path, "listen": _listen,
     "list[str]": _strlist, "cidrs": _cidrs, "hex": _hex, "hexlist": _hexlist, "date": _date,
-    "rate": _rate,
+    "rate": _rate, "floats": _floats,
 }
 
 

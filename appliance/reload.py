@@ -33,9 +33,10 @@ class PolicyReloader:
     """Owns the live policy; `apply` receives every accepted policy (runtime, queue, limits)."""
 
     def __init__(self, policy: Policy, tls: ssl.SSLContext, apply: Callable[[Policy], None],
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, on_outcome: Callable[[str], None] | None = None) -> None:
         self.policy = policy
         self.audit = audit
+        self.on_outcome = on_outcome
         self.tls = tls
         self.apply = apply
         self._tls_digests = self._tls_files(policy)
@@ -73,7 +74,9 @@ class PolicyReloader:
         return True
 
     def _record(self, outcome: str, trigger: str, old: str, new: str | None, keys: str | None) -> None:
-        """Audit every reload; a failure here is logged, the reload decision stands."""
+        """Audit (and count) every reload; a failure here is logged, the reload decision stands."""
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
         if self.audit is None:
             return
         try:

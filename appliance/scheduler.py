@@ -36,6 +36,8 @@ class Job:
     messages: tuple[Message, ...]
     params: SamplingParams
     tag: str = "-"
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_piece_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     queue_ms: float = 0.0
     _pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
@@ -58,13 +60,16 @@ class Job:
 class Scheduler:
     """FIFO admission to a single worker thread that owns the engine."""
 
-    def __init__(self, engine: Generator, max_queue: int) -> None:
+    def __init__(self, engine: Generator, max_queue: int,
+                 on_done: Callable[[Job, Completion], None] | None = None) -> None:
         self._engine = engine
+        self._on_done = on_done
         self.max_queue = max_queue
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._lock = asyncio.Lock()
         self.waiting = 0
         self.busy = False
+        self.busy_since = 0.0
         self._avg_seconds = 1.0
 
     def submit(self, messages: tuple[Message, ...], params: SamplingParams, tag: str = "-") -> Job:
@@ -98,9 +103,11 @@ class Scheduler:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, job: Job) -> Completion:
         def on_piece(text: str) -> None:
+            if job.first_piece_at is None:
+                job.first_piece_at = time.monotonic()
             loop.call_soon_threadsafe(job._pieces.put_nowait, text)
 
-        started = time.monotonic()
+        started = self.busy_since = time.monotonic()
         self.busy = True
         future = loop.run_in_executor(self._pool, self._engine.generate, job.messages, job.params,
                                       job.cancel_event.is_set, on_piece)
@@ -110,6 +117,8 @@ class Scheduler:
             log.info("request %s: %s after %d+%d tokens (%d image), queued %.0f ms, ran %.0f ms",
                      job.tag, result.finish_reason, u.prompt_tokens, u.completion_tokens,
                      u.image_tokens, job.queue_ms, (time.monotonic() - started) * 1000)
+            if self._on_done is not None:
+                self._on_done(job, result)
             return result
         except asyncio.CancelledError:
             job.cancel()  # the thread stops at its next token; keep the lock until it has
@@ -118,6 +127,10 @@ class Scheduler:
         finally:
             self.busy = False
             self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * (time.monotonic() - started)
+
+    def healthy(self, stall_s: float = 900.0) -> bool:
+        """False when one generation has run implausibly long (a wedged GPU or driver): stop the watchdog."""
+        return not self.busy or time.monotonic() - self.busy_since < stall_s
 
     async def drain(self) -> None:
         """Wait until the running generation (if any) has finished."""

@@ -12,21 +12,26 @@ import os
 import signal
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import __version__
+from . import __version__, sdnotify
 from .app import Runtime, build_app
 from .audit import AuditConfig, AuditLog, AuditUnavailable, Hmac, load_hmac_key
 from .engine import Engine
-from .errors import ApplianceError, SetupError
-from .inference import EngineConfig
+from .errors import ApplianceError, ModelLoadError, SetupError
+from .gpu import GpuMonitor
+from .harden import harden_process
+from .inference import Completion, EngineConfig
+from .metrics import Metrics
 from .policy import Policy, check_file_modes, load_policy
 from .reload import PolicyReloader
-from .scheduler import Scheduler
+from .scheduler import Job, Scheduler
 from .tls import peer_cert, server_context
 from .trail import Trail
 
@@ -72,7 +77,8 @@ class ApplianceServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reloader.reload, "SIGHUP")
-        tasks = [loop.create_task(self.reloader.watch()), loop.create_task(self._purge_hourly())]
+        tasks = [loop.create_task(self.reloader.watch()), loop.create_task(self._purge_hourly()),
+                 loop.create_task(sdnotify.watchdog_loop(self.runtime.scheduler.healthy))]
         try:
             await super().serve(sockets)
         finally:
@@ -88,7 +94,15 @@ class ApplianceServer(uvicorn.Server):
             except (OSError, AuditUnavailable) as exc:
                 log.error("audit retention purge failed: %s", exc)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """READY=1 only once the model is loaded (before this) and the listener is up (now)."""
+        await super().startup(sockets)
+        if self.started:
+            m = self.runtime.model
+            sdnotify.ready(f"serving {m.name}; GPU offload {'active' if m.gpu_offload_active else 'off'}")
+
     def handle_exit(self, sig: int, frame: Any) -> None:
+        sdnotify.stopping()
         self.runtime.draining = True
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # a requested, drained shutdown exits 0, not by re-raising
@@ -100,7 +114,8 @@ def engine_config(policy: Policy) -> EngineConfig:
         model_path=m.path, mmproj_path=m.mmproj, n_gpu_layers=m.n_gpu_layers, n_ctx=m.n_ctx,
         threads=m.threads, chat_template=m.chat_template, name=m.name,
         image_min_tokens=m.image_min_tokens, image_max_tokens=m.image_max_tokens,
-        model_sha256=m.sha256, mmproj_sha256=m.mmproj_sha256)
+        use_mlock=m.use_mlock, split_mode=m.split_mode, main_gpu=m.main_gpu,
+        tensor_split=m.tensor_split, model_sha256=m.sha256, mmproj_sha256=m.mmproj_sha256)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -122,31 +137,46 @@ def uvicorn_config(app: Any, policy: Policy, ctx: ssl.SSLContext, host: str, por
 def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     policy = load_policy(policy_file)
+    log.info("process hardening: %s", harden_process(mlock=policy.model.use_mlock))
     check_file_modes(policy)
     ctx = server_context(policy.server)  # fail on TLS problems before the slow model load
     audit = open_audit(policy)  # and when the audit trail cannot be written
     audit.write("daemon.start", reason=f"qwen-appliance {__version__}", pid=os.getpid(),
                 policy_sha256=policy.digest)
     host, port = listen or (policy.server.host, policy.server.port)
+    gpu = GpuMonitor()
     try:
-        sock = bind(host, port)  # and on a taken port
-        engine = load_engine(policy, audit)
+        sockets = sdnotify.listen_fds()  # socket activation: systemd owns the LAN listener
+        if sockets:
+            log.info("serving %d socket(s) passed by systemd; [server] listen is not used",
+                     len(sockets))
+        else:
+            sockets = [bind(host, port)]  # take it now: a taken port fails before the model load
+        gpu.start(policy.health.gpu_poll_seconds)
+        engine = load_engine(policy, audit, gpu.snapshot())
     except ApplianceError as exc:
+        gpu.stop()
         audit.write("daemon.stop", reason=f"start-up failed: {exc.message}")
         audit.close()
         raise
-    trail = Trail(audit, Hmac(load_hmac_key(policy.audit.hmac_key_file)), policy.audit.fail_closed)
-    scheduler = Scheduler(engine, policy.limits.max_queue)
-    runtime = Runtime(policy=policy, model=engine.info, scheduler=scheduler, trail=trail)
-    reloader = PolicyReloader(policy, ctx, runtime.apply_policy, audit)
+    metrics = Metrics()
+    trail = Trail(audit, Hmac(load_hmac_key(policy.audit.hmac_key_file)), policy.audit.fail_closed,
+                  metrics)
+    scheduler = Scheduler(engine, policy.limits.max_queue, on_done=_observer(metrics))
+    runtime = Runtime(policy=policy, model=engine.info, scheduler=scheduler, trail=trail,
+                      metrics=metrics, gpu=gpu)
+    reloader = PolicyReloader(policy, ctx, runtime.apply_policy, audit,
+                              lambda outcome: metrics.reloads.labels(outcome).inc())
     config = uvicorn_config(build_app(runtime), policy, ctx, host, port)
     server = ApplianceServer(config, runtime, reloader)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         scheduler.close()
         engine.close()
+        gpu.stop()
         audit.write("daemon.stop", reason="shutdown")
         audit.close()
     return 0 if server.started else 1
@@ -170,10 +200,29 @@ def open_audit(policy: Policy) -> AuditLog:
     return audit
 
 
-def load_engine(policy: Policy, audit: AuditLog) -> Engine:
-    """Load the model, log and audit what was loaded."""
+def _observer(metrics: Metrics) -> Callable[[Job, Completion], None]:
+    """Feed finished generations into the metrics (queue wait, time to first token, speed)."""
+    def observe(job: Job, c: Completion) -> None:
+        first = job.first_piece_at
+        ttft = first - job.submitted_at if first is not None else None
+        decode = time.monotonic() - first if first is not None else 0.0
+        metrics.observe_generation(job.queue_ms / 1000, ttft, decode, c.usage.prompt_tokens,
+                                   c.usage.completion_tokens)
+    return observe
+
+
+def load_engine(policy: Policy, audit: AuditLog, gpu: dict[str, Any]) -> Engine:
+    """Load the model, log and audit what was loaded; refuse CPU fallback when the policy says so."""
     engine = Engine.load(engine_config(policy))
     info = engine.info
+    if policy.model.require_gpu and not (info.gpu_offload_active and gpu.get("available")):
+        engine.close()
+        why = ("this llama-cpp-python build has no GPU offload (CPU build)"
+               if not info.gpu_offload_supported else f"no usable GPU: {gpu.get('reason')}"
+               if not gpu.get("available") else "[model] n_gpu_layers = 0")
+        raise ModelLoadError(f"[model] require_gpu = true, but {why}",
+                             hint="build with CMAKE_ARGS=-DGGML_CUDA=on (see README), check the driver "
+                                  "with nvidia-smi, or set require_gpu = false to allow CPU inference")
     log.info("model %s: %s %s, %d bytes, sha256 %s; GPU offload %s", info.name,
              info.architecture, info.quantization, info.model_bytes, info.model_sha256,
              "ACTIVE" if info.gpu_offload_active else "not active (CPU inference)")
@@ -191,7 +240,12 @@ def load_engine(policy: Policy, audit: AuditLog) -> Engine:
 def bind(host: str, port: int) -> socket.socket:
     """Take the listening socket before loading the model, so a taken port fails fast and clearly."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SetupError(f"cannot create a listening socket ({exc.strerror})",
+                         hint="under systemd, start qwen-appliance.socket: the service itself has no "
+                              "network access by design") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -74,6 +74,16 @@ SETTINGS: tuple[Setting, ...] = (
     _s("model", "image_max_tokens", "int", 0,
        "Upper bound of tokens one image becomes, bounding its cost (0 = llama.cpp default).",
        minimum=0),
+    _s("model", "require_gpu", "bool", False,
+       "Refuse to start unless layers are really offloaded to a GPU, instead of running on the CPU."),
+    _s("model", "use_mlock", "bool", False,
+       "Lock weights and KV cache in RAM so customer context never reaches swap (needs LimitMEMLOCK)."),
+    _s("model", "split_mode", "choice", "layer",
+       "How llama.cpp spreads the model over several GPUs.", choices=("none", "layer", "row")),
+    _s("model", "main_gpu", "int", 0, "GPU used for the model (split_mode none) or scratch.",
+       minimum=0, maximum=63),
+    _s("model", "tensor_split", "floats", [],
+       "Share of the model per GPU, e.g. [3, 1]; empty lets llama.cpp decide."),
     _s("model", "sha256", "str", None,
        "Expected SHA-256 of the model file; start-up refuses a file that differs."),
     _s("model", "mmproj_sha256", "str", None,
@@ -108,6 +118,15 @@ SETTINGS: tuple[Setting, ...] = (
        "Files older than this are deleted (each deletion is itself recorded).", minimum=1),
     _s("audit", "fail_closed", "bool", True,
        "Refuse requests with 503 while records cannot be written; false serves without an audit trail."),
+    # [health]
+    _s("health", "max_gpu_temp_c", "int", 90,
+       "/readyz answers 503 while a GPU is hotter than this.", minimum=40, maximum=120),
+    _s("health", "min_audit_free_mb", "int", 512,
+       "/readyz answers 503 while the audit directory's disk has less free space than this.",
+       minimum=0),
+    _s("health", "fail_on_ecc_uncorrected", "bool", True,
+       "/readyz answers 503 while a GPU reports uncorrected ECC errors (answers may be corrupt)."),
+    _s("health", "gpu_poll_seconds", "int", 10, "How often NVML is read.", minimum=1, maximum=3600),
     # [[clients]]
     _s("clients", "name", "str", REQUIRED, "Client identity, shown in logs and the audit trail."),
     _s("clients", "token_sha256", "str", REQUIRED,
@@ -131,7 +150,7 @@ SETTINGS: tuple[Setting, ...] = (
        "Switch a client off without deleting it; its token then gets 401."),
 )
 
-SECTIONS = ("server", "model", "limits", "audit", "clients")
+SECTIONS = ("server", "model", "limits", "audit", "health", "clients")
 
 
 # One TOML line per key, shown in `qwen-appliance settings` and docs/policy.md.
@@ -154,6 +173,11 @@ EXAMPLES = {
     "model.data_dir": 'data_dir = "/secure_data"',
     "model.image_min_tokens": "image_min_tokens = 256",
     "model.image_max_tokens": "image_max_tokens = 1024",
+    "model.require_gpu": "require_gpu = true",
+    "model.use_mlock": "use_mlock = true",
+    "model.split_mode": 'split_mode = "layer"',
+    "model.main_gpu": "main_gpu = 0",
+    "model.tensor_split": "tensor_split = [3, 1]",
     "model.sha256": 'sha256 = "9b1c...64 hex digits"',
     "model.mmproj_sha256": 'mmproj_sha256 = "77ad...64 hex digits"',
     "limits.max_body_bytes": "max_body_bytes = 20_000_000",
@@ -169,6 +193,10 @@ EXAMPLES = {
     "audit.rotate_bytes": "rotate_bytes = 100_000_000",
     "audit.retention_days": "retention_days = 90",
     "audit.fail_closed": "fail_closed = true",
+    "health.max_gpu_temp_c": "max_gpu_temp_c = 85",
+    "health.min_audit_free_mb": "min_audit_free_mb = 1024",
+    "health.fail_on_ecc_uncorrected": "fail_on_ecc_uncorrected = true",
+    "health.gpu_poll_seconds": "gpu_poll_seconds = 10",
     "clients.name": 'name = "teller-03"',
     "clients.token_sha256": 'token_sha256 = "e3b0...64 hex digits"',
     "clients.scopes": 'scopes = ["chat"]',
@@ -207,7 +235,7 @@ def describe() -> str:
 _KIND_NAMES = {"str": "string", "int": "integer", "bool": "boolean", "path": "path",
                "list[str]": "list of strings", "choice": "string", "listen": "HOST:PORT",
                "cidrs": "list of CIDR ranges", "hex": "SHA-256 hex", "hexlist": "list of SHA-256 hex",
-               "date": "TOML date", "rate": "N/unit"}
+               "date": "TOML date", "rate": "N/unit", "floats": "list of numbers"}
 
 
 def markdown() -> str:

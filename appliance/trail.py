@@ -14,6 +14,7 @@ from typing import Any
 
 from .audit import AuditLog, AuditUnavailable, Hmac
 from .inference import Message, RGBImage
+from .metrics import Metrics
 
 log = logging.getLogger("appliance.trail")
 MAX_ROUTE = 200
@@ -22,10 +23,12 @@ MAX_ROUTE = 200
 class Trail:
     """Async front of the audit log for the request path (writes run off the event loop)."""
 
-    def __init__(self, audit: AuditLog, hmac: Hmac, fail_closed: bool) -> None:
+    def __init__(self, audit: AuditLog, hmac: Hmac, fail_closed: bool,
+                 metrics: Metrics | None = None) -> None:
         self.audit = audit
         self.hmac = hmac
         self.fail_closed = fail_closed
+        self.metrics = metrics
 
     @property
     def failing(self) -> str | None:
@@ -35,7 +38,11 @@ class Trail:
         """Write one record; raises AuditUnavailable only when the policy says to fail closed."""
         try:
             await asyncio.to_thread(self.audit.write, event, **fields)
+            if self.metrics is not None:
+                self.metrics.audit_write.observe(self.audit.write_seconds)
         except AuditUnavailable:
+            if self.metrics is not None:
+                self.metrics.audit_failures.inc()
             if self.fail_closed:
                 raise
             log.error("audit record %s for request %s LOST (fail_closed = false)", event,

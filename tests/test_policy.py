@@ -126,4 +126,5 @@ def test_docs_cover_every_key_and_match_the_table() -> None:
     fields |= {f"limits.{k}" for k in pol.LimitsPolicy.__dataclass_fields__}
     fields |= {f"clients.{k}" for k in pol.Client.__dataclass_fields__}
     fields |= {f"audit.{k}" for k in pol.AuditPolicy.__dataclass_fields__}
+    fields |= {f"health.{k}" for k in pol.HealthPolicy.__dataclass_fields__}
     assert fields | {"server.listen"} == {s.dotted for s in SETTINGS}
