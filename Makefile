@@ -17,7 +17,7 @@ DEV := dev
 POLICY ?= $(DEV)/policy.toml
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint typecheck check dev clean install
+.PHONY: run test lint typecheck check dev clean install browser strace bench
 
 $(STAMP): pyproject.toml constraints.txt tools/build_llama_wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,21 +37,50 @@ $(TINY_STAMP): tools/make_tiny_model.py | $(STAMP)
 	$(PY) tools/make_tiny_model.py $(TINY)
 	touch $@
 
-$(DEV)/policy.toml: | $(STAMP) $(TINY_STAMP)
-	$(PY) -m appliance init $(DEV) --listen 127.0.0.1:8443 --client dev-client \
-		--model $(TINY)/tiny-qwen3vl-q8_0.gguf --mmproj $(TINY)/tiny-qwen3vl-mmproj.gguf \
-		--token-file $(DEV)/clients/dev-client/token
-
-dev: $(STAMP) $(TINY_STAMP) $(DEV)/policy.toml
+dev: $(STAMP) $(TINY_STAMP)
+	tools/dev_setup.sh $(PY) $(DEV) $(TINY) models/real
 
 run: dev
 	$(PY) -m appliance serve --policy $(POLICY)
 
-test: $(STAMP) $(TINY_STAMP) $(TOOLS_STAMP)
+test: $(STAMP) $(TINY_STAMP) $(TOOLS_STAMP) browser strace
 	$(PY) -m pytest -q
+
+# tests/test_console.py drives Debian's Chromium (never a downloaded browser or driver) with a client certificate
+# from an NSS database (certutil, pk12util); a CJK font makes the Chinese UI legible in its screenshots.
+BROWSER_PKGS := chromium chromium-driver libnss3-tools fonts-wqy-microhei
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || ! command -v pk12util >/dev/null \
+		|| [ ! -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; then \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PKGS); fi
+
+# tests/test_egress.py traces the daemon's system calls in a loopback-only network namespace (unshare -n).
+strace:
+	@command -v strace >/dev/null || { $(SUDO) apt-get update -q \
+		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q strace; }
+
+# Side-by-side benchmark (tools/bench.py): its own environment for llama_cpp.server's extras and matplotlib, and
+# llama-server built once from the llama.cpp vendored in the same llama-cpp-python sdist. BENCH_ARGS e.g.
+# "--model M.gguf --mmproj P.gguf --threads 4" for a real model; "--wait-quiet 600" waits for an idle machine.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(BUILD_ID)
+SERVER_DIR ?= $(HOME)/.cache/qwen-appliance/llama-server/$(BUILD_ID)
+BENCH_ARGS ?=
+$(BENCH_STAMP): | $(STAMP)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --find-links "$(WHEEL_DIR)" \
+		"llama-cpp-python[server]==$(LLAMA_VERSION)" matplotlib httpx psutil pillow
+	rm -f $(BENCH_VENV)/.installed-*
+	touch $@
+
+bench: $(STAMP) $(TINY_STAMP) $(BENCH_STAMP)
+	CMAKE_ARGS="$(CMAKE_ARGS)" SERVER_DIR="$(SERVER_DIR)" tools/build_llama_server.sh $(PY) $(LLAMA_VERSION)
+	$(BENCH_VENV)/bin/python tools/bench.py --llama-server $(SERVER_DIR)/llama-server $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check appliance tools tests
+	$(VENV)/bin/bandit -r appliance -ll -q  # medium and high; exceptions carry `# nosec BXXX` and why
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -59,7 +88,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) $(TINY) $(DEV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) $(BENCH_VENV) $(TINY) $(DEV) .pytest_cache .mypy_cache .ruff_cache
 
 # --- make install: the branch server under systemd (README, "Installing on the branch server") -----------
 # Needs root. DESTDIR=/tmp/stage lays out the same tree under a staging root without touching this host

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
-from . import health, images
+from . import health, images, openapi, webconsole
 from .errors import BadRequest, ClientError, ServiceUnavailable, UnsupportedMediaType
 from .gate import ASGIApp, Gate, error_body
 from .gpu import GpuMonitor
@@ -23,6 +24,7 @@ from .inference import Completion, ModelInfo
 from .metrics import CONTENT_TYPE, Metrics
 from .policy import Policy
 from .protocol import ChatJob, IntakeRules, parse_api_chat, parse_openai_chat
+from .respcache import ResponseCache, deterministic, request_key
 from .scheduler import Job, Scheduler
 from .trail import Trail
 
@@ -41,6 +43,14 @@ class Runtime:
     gpu: GpuMonitor | None = None
     policy_loaded_at: float = field(default_factory=time.time)
     draining: bool = False
+    cache: ResponseCache = field(default_factory=lambda: ResponseCache(0, 1))
+
+    def __post_init__(self) -> None:
+        self._configure_cache(self.policy)
+
+    def _configure_cache(self, policy: Policy) -> None:
+        self.cache.configure(policy.limits.response_cache_entries, policy.limits.response_cache_ttl_s,
+                             [c.name for c in policy.clients if c.cache])
 
     def gpu_snapshot(self) -> dict[str, Any]:
         return self.gpu.snapshot() if self.gpu is not None else {"available": False,
@@ -51,6 +61,7 @@ class Runtime:
         self.policy = policy
         self.policy_loaded_at = time.time()
         self.scheduler.max_queue = policy.limits.max_queue
+        self._configure_cache(policy)
 
     def rules(self, policy: Policy) -> IntakeRules:
         """Intake limits from the policy snapshot the request was admitted under."""
@@ -136,6 +147,13 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(rt.metrics.render(refresh), media_type=CONTENT_TYPE)
 
 
+@get("/openapi.json")
+async def openapi_document(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The API contract (scope admin), with the limits of the policy this request was admitted under."""
+    rt = _rt(request)
+    return _json(openapi.document(request.scope["state"]["policy"], rt.model))
+
+
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     m = _rt(request).model
@@ -155,9 +173,20 @@ async def _body(request: Request[Any, Any, Any]) -> Any:
         raise UnsupportedMediaType("send the request body as application/json")
     raw = await request.body()
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
+        body = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
+        if _SURROGATE_ESCAPE.search(raw):  # "\ud800" alone decodes to a lone surrogate: no text, no UTF-8
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeDecodeError and UnicodeEncodeError are ValueErrors
         raise BadRequest("request body is not valid JSON (UTF-8)") from None
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _not_json(name: str) -> Any:
+    """Python's json module reads NaN and Infinity; JSON (RFC 8259) has no such numbers."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, ChatJob, Job]:
@@ -170,9 +199,38 @@ async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, 
     job_in = await asyncio.to_thread(parse, body, rt.rules(request.scope["state"]["policy"]))
     rt.metrics.intake.observe(time.monotonic() - started)
     rt.metrics.images.inc(len(job_in.images))
-    request.scope["state"]["audit"] = rt.trail.describe_input(job_in.messages, rt.model.model_sha256)
-    tag = request.scope["state"]["request_id"]
-    return rt, job_in, rt.scheduler.submit(job_in.messages, job_in.params, tag)
+    state = request.scope["state"]
+    state["audit"] = rt.trail.describe_input(job_in.messages, rt.model.model_sha256)
+    tag = state["request_id"]
+    entry = _cache_entry(request, rt, job_in)
+    if entry is not None:
+        hit = rt.cache.get(*entry)
+        rt.metrics.observe_cache(hit is not None, rt.cache.hit_ratio, len(rt.cache))
+        state["audit"]["cache"] = "hit" if hit is not None else "miss"
+        if hit is not None:
+            return rt, job_in, Job.answered(job_in.messages, job_in.params, hit, tag)
+    job = rt.scheduler.submit(job_in.messages, job_in.params, tag, _client_name(request),
+                              stream=job_in.stream)
+    if entry is not None:
+        job.on_result(lambda c: rt.cache.put(*entry, c))
+    return rt, job_in, job
+
+
+def _cache_entry(request: Request[Any, Any, Any], rt: Runtime, job_in: ChatJob) -> tuple[str, str] | None:
+    """(client, request key) when the client opted into the response cache and asked deterministically."""
+    state = request.scope["state"]
+    caller = state.get("caller")
+    client = caller.client if caller is not None else None
+    if client is None or not client.cache or not deterministic(job_in.params) \
+            or state["policy"].limits.response_cache_entries == 0:
+        return None
+    return client.name, request_key(client.name, rt.model.model_sha256, job_in.messages, job_in.params)
+
+
+def _client_name(request: Request[Any, Any, Any]) -> str:
+    """The identified client (the prompt cache reuses a slot's full prefix only for the same one)."""
+    caller = request.scope["state"].get("caller")
+    return caller.client.name if caller is not None and caller.client is not None else ""
 
 
 async def _await_watching(request: Request[Any, Any, Any], job: Job) -> Completion:
@@ -286,8 +344,9 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     payload = {"error": {"type": _HTTP_TYPES.get(status, "invalid_request_error"),
                          "message": message}}
     request.scope["state"]["audit_reason"] = f"{payload['error']['type']}: {message}"
+    allow = (exc.headers or {}).get("allow") if status == 405 else None  # RFC 9110: a 405 names them
     return Response(json.dumps(payload).encode(), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers={"allow": allow} if allow else None)
 
 
 def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -303,7 +362,8 @@ def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 def build_app(runtime: Runtime) -> Gate:
     """The Litestar app wrapped in the gate; nothing is reachable around it."""
     app = Litestar(
-        route_handlers=[healthz, readyz, health_report, metrics, models, chat_completions, api_chat],
+        route_handlers=[healthz, readyz, health_report, metrics, models, chat_completions, api_chat,
+                        openapi_document, *webconsole.ROUTES],
         exception_handlers={ClientError: _client_error, HTTPException: _http_error,
                             Exception: _crash},
         request_max_body_size=runtime.policy.limits.max_body_bytes,

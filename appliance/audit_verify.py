@@ -39,7 +39,7 @@ def verify(directory: Path, expect_sealed: bool = False) -> VerifyResult:
     try:
         records = [_read(p) for p in files]
         purged = {r["last_hash"]: r for recs in records for _, r, _ in recs
-                  if r.get("event") == "audit.retention_delete" and r.get("last_hash")}
+                  if r.get("event") == "audit.retention_delete" and isinstance(r.get("last_hash"), str)}
         _walk(files, records, purged, result, expect_sealed)
     except _Break as exc:
         result.problem = str(exc)
@@ -55,11 +55,17 @@ def _read(path: Path) -> list[tuple[int, dict[str, Any], bytes]]:
     for n, line in enumerate(data.splitlines(), 1):
         try:
             rec = json.loads(line)
-            int(rec["seq"]), str(rec["prev"]), str(rec["event"])
-        except (ValueError, KeyError, TypeError):
-            raise _Break(path, n, "not a valid audit record (edited or corrupted)") from None
+        except ValueError:
+            rec = None
+        if not _well_formed(rec):  # a hand-made line must not crash the checker (unhashable prev, ...)
+            raise _Break(path, n, "not a valid audit record (edited or corrupted)")
         out.append((n, rec, line))
     return out
+
+
+def _well_formed(rec: Any) -> bool:
+    return isinstance(rec, dict) and type(rec.get("seq")) is int and isinstance(rec.get("prev"), str) \
+        and isinstance(rec.get("event"), str)
 
 
 def _walk(files: list[Path], records: list[list[tuple[int, dict[str, Any], bytes]]],
@@ -105,6 +111,8 @@ def _check_seal(path: Path, recs: list[tuple[int, dict[str, Any], bytes]], last:
         if rec.get("file_records") != len(recs):
             raise _Break(path, n, f"seal counts {rec.get('file_records')} records, the file has "
                                   f"{len(recs)}")
+        if last and rec.get("reason") == "rotation":  # a rotation seal always has a next file
+            raise _Break(path, n, "sealed for rotation, but the file after it is missing (deleted)")
         return
     if not last:
         raise _Break(path, n, "file does not end with its seal (its final lines were removed)")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, auditadmin, certadmin, modeladmin, tokenadmin
+from . import __version__, auditadmin, certadmin, client, modeladmin, tokenadmin
 from .errors import ApplianceError
 from .policy import check_file_modes, load_policy
 from .settings import describe, markdown
@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.set_defaults(handler=_check)
 
+    p = sub.add_parser("doctor", help="check the whole box: policy, files, certificates, model, GPU, audit")
+    p.add_argument("--policy", type=Path,
+                   help="the policy to check (default /etc/qwen-appliance/policy.toml when it exists)")
+    p.add_argument("--no-hash", action="store_true", help="skip re-hashing the model files (fast)")
+    p.set_defaults(handler=_doctor)
+
     p = sub.add_parser("settings", help="list every policy key with its default and purpose")
     p.add_argument("--markdown", action="store_true", help="print docs/policy.md")
     for name, handler in (("init", _init), ("serve", _serve), ("settings", _settings)):
@@ -59,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     auditadmin.register(sub)
     certadmin.register(sub)
     modeladmin.register(sub)
+    client.register(sub)
     return ap
 
 
@@ -103,6 +110,22 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.file}: OK ({len(policy.clients)} clients, digest {policy.digest[:16]})")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """Exit 0 when nothing fails (warnings are allowed), 2 otherwise."""
+    import logging
+
+    from .doctor import FAIL, render, run_checks
+
+    logging.disable(logging.WARNING)  # findings go in the table, not as stray log lines
+
+    policy = args.policy
+    if policy is None and Path("/etc/qwen-appliance/policy.toml").exists():
+        policy = Path("/etc/qwen-appliance/policy.toml")
+    results = run_checks(policy, hash_models=not args.no_hash)
+    print(render(results))
+    return 2 if any(c.status == FAIL for c in results) else 0
 
 
 def _settings(args: argparse.Namespace) -> int:

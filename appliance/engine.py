@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -213,9 +214,8 @@ def choose_threads(requested: int) -> int:
     return max(1, min(usable, _physical_cores() or usable, MAX_AUTO_THREADS))
 
 
-def _quantization(metadata: dict[str, str], model: llama_cpp.llama_model_p) -> str:
+def _quantization(raw: str | None, model: llama_cpp.llama_model_p) -> str:
     """Quantization name from general.file_type, else from llama.cpp's own guess."""
-    raw = metadata.get("general.file_type")
     ftype = int(raw) if raw is not None and raw.isdigit() else llama_cpp.llama_model_ftype(model)
     return FTYPE_NAMES.get(ftype & ~_FTYPE_GUESSED, f"ftype {ftype}")
 
@@ -256,6 +256,7 @@ class _Segment:
     kind: SegmentKind
     text: str = ""
     image: RGBImage | None = None
+    shared: bool = True  # template or system text: its KV prefix may serve other clients
 
 
 ImageMode = Literal["typed", "marker"]
@@ -307,13 +308,15 @@ class _ChatTemplate:
     def segments(self, messages: Sequence[Message]) -> list[_Segment]:
         """Render the conversation and split it into template text, user text and images."""
         tag = secrets.token_hex(8)
-        texts: list[str] = []
+        texts: list[tuple[str, bool]] = []  # (text, from a system message)
 
-        def hold(text: str) -> str:
-            texts.append(text)
-            return f"<@{tag}:{len(texts) - 1}@>"
+        def holder(role: str) -> Callable[[str], str]:
+            def hold(text: str) -> str:
+                texts.append((text, role == "system"))
+                return f"<@{tag}:{len(texts) - 1}@>"
+            return hold
 
-        rendered = self._render([self._message(m, hold) for m in messages])
+        rendered = self._render([self._message(m, holder(m.role)) for m in messages])
         if self._bos and not rendered.startswith(self._bos):
             rendered = self._bos + rendered
         if self.image_mode == "typed":
@@ -353,20 +356,26 @@ class _ChatTemplate:
             raise BadRequest("the chat template cannot render this conversation") from None
 
 
+# Compiled once (a per-request pattern cost 0.3 ms of every request's first-token time); the tag is checked.
+_PLACEHOLDER = re.compile(r"<@([0-9a-f]{16}):(\d+)@>|" + re.escape(MEDIA_MARKER))
+
+
 def _split(
-    rendered: str, tag: str, texts: list[str], images: list[RGBImage]
+    rendered: str, tag: str, texts: list[tuple[str, bool]], images: list[RGBImage]
 ) -> Iterator[_Segment]:
     """Cut the rendered prompt at placeholders and markers, substituting the real parts."""
-    pattern = re.compile(re.escape(f"<@{tag}:") + r"(\d+)@>|" + re.escape(MEDIA_MARKER))
     pos, image_iter = 0, iter(images)
-    for m in pattern.finditer(rendered):
+    for m in _PLACEHOLDER.finditer(rendered):
+        if m.group(1) is not None and m.group(1) != tag:
+            continue  # not ours: template text that happens to look like a placeholder
         if m.start() > pos:
             yield _Segment("template", rendered[pos : m.start()])
-        if m.group(1) is not None:
-            if texts[int(m.group(1))]:
-                yield _Segment("user", texts[int(m.group(1))])
+        if m.group(2) is not None:
+            text, system = texts[int(m.group(2))]
+            if text:
+                yield _Segment("user", text, shared=system)
         else:
-            yield _Segment("image", image=next(image_iter))
+            yield _Segment("image", image=next(image_iter), shared=False)
         pos = m.end()
     if pos < len(rendered):
         yield _Segment("template", rendered[pos:])
@@ -375,15 +384,31 @@ def _split(
 # --- tokenized prompts --------------------------------------------------------------------------
 
 
-class _Prompt(Protocol):
-    """A tokenized prompt that can be fed into the llama context."""
+@dataclass(frozen=True)
+class _ImageItem:
+    """One image chunk of a prompt: libmtmd evaluates it on its own, then it is KV like text."""
 
+    chunk: Any  # mtmd_input_chunk_p, owned by the prompt's chunk list
+    key: str  # "img:<digest>": the prompt cache matches images by content
+    n_tokens: int  # KV cells it fills
+    n_pos: int  # positions it advances (M-RoPE: fewer than tokens)
+
+
+Item = int | _ImageItem  # a text token id, or an image
+Key = int | str
+
+
+def _key(item: Item) -> Key:
+    return item if isinstance(item, int) else item.key
+
+
+class _Prompt(Protocol):
+    """A tokenized prompt: the items one sequence evaluates, and how they are counted."""
+
+    items: list[Item]
     n_tokens: int
     n_image_tokens: int
-
-    def evaluate(self, cancelled: Callable[[], bool]) -> int | None:
-        """Decode into sequence 0 from position 0; next position, or None if cancelled."""
-        ...
+    n_shared: int  # leading items of template or system text: reusable across clients
 
     def close(self) -> None: ...
 
@@ -401,25 +426,27 @@ def _tokenize(vocab: llama_cpp.llama_vocab_p, text: str, special: bool) -> list[
     raise RuntimeError("llama_tokenize failed")
 
 
+def _shared_tokens(vocab: llama_cpp.llama_vocab_p, segments: list[_Segment]) -> list[int]:
+    """Tokens of the leading template and system segments, the part any client may reuse."""
+    tokens: list[int] = []
+    for seg in segments:
+        if not seg.shared or seg.kind == "image":
+            break
+        tokens += _tokenize(vocab, seg.text, seg.kind == "template")
+    return tokens
+
+
 class _TextPrompt:
     """Text-only prompt for models without a projector: plain token ids."""
 
     n_image_tokens = 0
 
-    def __init__(self, engine: Engine, segments: list[_Segment]) -> None:
-        self._engine = engine
-        self.tokens: list[int] = []
+    def __init__(self, vocab: llama_cpp.llama_vocab_p, segments: list[_Segment]) -> None:
+        self.items: list[Item] = []
         for seg in segments:
-            self.tokens += _tokenize(engine._vocab, seg.text, seg.kind == "template")
-        self.n_tokens = len(self.tokens)
-
-    def evaluate(self, cancelled: Callable[[], bool]) -> int | None:
-        step = self._engine._n_batch
-        for start in range(0, len(self.tokens), step):
-            if cancelled():
-                return None
-            self._engine._decode(self.tokens[start : start + step], start)
-        return len(self.tokens)
+            self.items += _tokenize(vocab, seg.text, seg.kind == "template")
+        self.n_tokens = len(self.items)
+        self.n_shared = len(_shared_tokens(vocab, segments))
 
     def close(self) -> None:
         pass
@@ -429,9 +456,8 @@ class _MtmdPrompt:
     """Prompt tokenized by libmtmd from parts: text chunks and preprocessed image chunks."""
 
     def __init__(
-        self, engine: Engine, mctx: mtmd_cpp.mtmd_context_p, segments: list[_Segment]
+        self, vocab: llama_cpp.llama_vocab_p, mctx: mtmd_cpp.mtmd_context_p, segments: list[_Segment]
     ) -> None:
-        self._engine = engine
         self._mctx = mctx
         self._bitmaps: list[mtmd_cpp.mtmd_bitmap_p] = []
         self._chunks = mtmd_cpp.mtmd_input_chunks_init()
@@ -439,7 +465,10 @@ class _MtmdPrompt:
             raise MemoryError("mtmd_input_chunks_init failed")
         try:
             self._tokenize(segments)
-            self._count()
+            self._collect()
+            shared = _shared_tokens(vocab, segments)
+            # Only a prefix proven identical to what libmtmd produced may be shared across clients.
+            self.n_shared = len(shared) if self.items[: len(shared)] == shared else 0
         except BaseException:
             self.close()
             raise
@@ -472,6 +501,7 @@ class _MtmdPrompt:
         if bitmap is None:
             raise MemoryError("mtmd_bitmap_init failed")
         self._bitmaps.append(bitmap)
+        mtmd_cpp.mtmd_bitmap_set_id(bitmap, _image_digest(image).encode())  # becomes the chunk id
         return bitmap
 
     def _chunk_list(self) -> list[mtmd_cpp.mtmd_input_chunk_p]:
@@ -480,33 +510,24 @@ class _MtmdPrompt:
         out = [mtmd_cpp.mtmd_input_chunks_get(self._chunks, i) for i in range(n)]
         return [c for c in out if c is not None]
 
-    def _count(self) -> None:
-        """Tokens fed, images included (llama.cpp's own count is of M-RoPE positions)."""
+    def _collect(self) -> None:
+        """Items and counts; tokens include image tokens (llama.cpp's own count is of positions)."""
+        self.items: list[Item] = []
         self.n_tokens = self.n_image_tokens = 0
-        is_text = False
         for chunk in self._chunk_list():
             n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
             self.n_tokens += n
-            kind = mtmd_cpp.mtmd_input_chunk_get_type(chunk)
-            is_text = kind == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT
-            if not is_text:
-                self.n_image_tokens += n
-        if not is_text:  # sampling needs the logits of a final text token
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                size = ctypes.c_size_t(0)
+                ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(size))
+                self.items += [int(ptr[i]) for i in range(size.value)] if ptr else []
+                continue
+            self.n_image_tokens += n
+            chunk_id = (mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b"").decode("ascii", "replace")
+            self.items.append(_ImageItem(chunk, "img:" + (chunk_id or secrets.token_hex(16)), n,
+                                         mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk)))
+        if not self.items or not isinstance(self.items[-1], int):  # sampling needs final text logits
             raise BadRequest("the chat template must end the prompt with text")
-
-    def evaluate(self, cancelled: Callable[[], bool]) -> int | None:
-        chunks = self._chunk_list()
-        n_past = llama_cpp.llama_pos(0)
-        for i, chunk in enumerate(chunks):
-            if cancelled():
-                return None
-            rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
-                self._mctx, self._engine._ctx, chunk, n_past.value, 0,
-                self._engine._n_batch, i == len(chunks) - 1, ctypes.byref(n_past),
-            )  # fmt: skip
-            if rc != 0:
-                raise RuntimeError(f"evaluating prompt chunk {i} failed (mtmd error {rc})")
-        return n_past.value
 
     def close(self) -> None:
         if self._chunks is not None:
@@ -514,6 +535,15 @@ class _MtmdPrompt:
             self._chunks = None
         while self._bitmaps:
             mtmd_cpp.mtmd_bitmap_free(self._bitmaps.pop())
+
+
+def _image_digest(image: RGBImage) -> str:
+    """Identity of an image's content: the encoded file's digest, else one over the pixels."""
+    if image.source_sha256:
+        return f"{image.source_sha256}:{image.width}x{image.height}"
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(image.rgb)
+    return digest.hexdigest()
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -564,30 +594,138 @@ class _TextOut:
             self._on_piece(text)
 
 
+# --- slots and sequences ------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """One llama.cpp sequence id and what its KV memory holds, so a later prompt can reuse it."""
+
+    seq_id: int
+    keys: list[Key] = field(default_factory=list)  # items in KV, in order
+    ends: list[int] = field(default_factory=list)  # position after each item
+    owner: str = ""  # client whose request last filled it
+    n_shared: int = 0  # leading keys any client may reuse (template and system text)
+    busy: bool = False
+    last_used: int = 0
+
+    def common(self, keys: list[Key], owner: str, n_shared: int) -> int:
+        """Items of `keys` this slot already holds; another client's prefix only up to the shared part.
+
+        At least the last item is always evaluated again: sampling needs its logits.
+        """
+        limit = min(len(keys) - 1, len(self.keys))
+        if owner != self.owner:
+            limit = min(limit, n_shared, self.n_shared)
+        n = 0
+        while n < limit and self.keys[n] == keys[n]:
+            n += 1
+        return n
+
+    def forget(self) -> None:
+        """The KV memory was wiped: nothing to reuse."""
+        self.keys, self.ends, self.n_shared = [], [], 0
+
+
+class _Sequence:
+    """One request in a slot: prompt items still to evaluate, its sampler, and the output so far."""
+
+    def __init__(self, slot: _Slot, prompt: _Prompt, params: SamplingParams,
+                 cancelled: Callable[[], bool], on_piece: Callable[[str], None], start: int) -> None:
+        self.slot, self.prompt, self.params, self.cancelled = slot, prompt, params, cancelled
+        self.cursor = start  # next prompt item to evaluate
+        self.n_past = slot.ends[start - 1] if start else 0
+        self.out = _TextOut(params.stop, on_piece)
+        self.sampler: llama_cpp.llama_sampler_p | None = _make_sampler(params)
+        self.n_gen = 0
+        self.next_token: int | None = None  # sampled, still to be decoded
+        cached = sum(1 if isinstance(i, int) else i.n_tokens for i in prompt.items[:start])
+        self.usage = Usage(prompt.n_tokens, image_tokens=prompt.n_image_tokens, cached_tokens=cached)
+        self.completion: Completion | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def prompting(self) -> bool:
+        return self.cursor < len(self.prompt.items)
+
+    @property
+    def finished(self) -> bool:
+        return self.completion is not None or self.error is not None
+
+    def next_image(self) -> _ImageItem | None:
+        item = self.prompt.items[self.cursor] if self.prompting else None
+        return item if isinstance(item, _ImageItem) else None
+
+    def text_run(self, limit: int) -> list[int]:
+        """Up to `limit` prompt tokens from the cursor, stopping before an image."""
+        run: list[int] = []
+        for item in self.prompt.items[self.cursor : self.cursor + limit]:
+            if not isinstance(item, int):
+                break
+            run.append(item)
+        return run
+
+    def remember(self, tokens: Sequence[int], first_pos: int) -> None:
+        """Record tokens now in this slot's KV memory at first_pos.. (for the prompt cache)."""
+        self.slot.keys.extend(tokens)
+        self.slot.ends.extend(range(first_pos + 1, first_pos + len(tokens) + 1))
+
+
+@dataclass
+class _Span:
+    """Tokens of one sequence inside a batch; `index` is the batch row whose logits it samples."""
+
+    seq: _Sequence
+    tokens: list[int]
+    pos: int
+    index: int  # -1: no logits wanted (a prompt chunk that is not the last)
+    prompt: bool
+
+
 # --- engine -------------------------------------------------------------------------------------
 
 
 class Engine:
-    """One loaded model; not thread-safe: the caller runs everything on one worker thread."""
+    """One loaded model with `parallel` slots; not thread-safe: one worker thread calls everything.
+
+    Requests are admitted into free slots (sequence ids) and advanced together by `step()`: each
+    step evaluates at most one image, then decodes one llama_batch holding the next token of every
+    generating sequence plus prompt tokens of admitted ones (oldest first, up to n_batch).
+    """
 
     info: ModelInfo
 
-    def __init__(
-        self,
-        llm: llama_cpp.Llama,
-        mctx: mtmd_cpp.mtmd_context_p | None,
-        template: _ChatTemplate,
-        info: ModelInfo,
-    ) -> None:
-        self._llm: llama_cpp.Llama | None = llm
+    def __init__(self, model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p,
+                 mctx: mtmd_cpp.mtmd_context_p | None, template: _ChatTemplate, info: ModelInfo,
+                 prompt_cache: bool = True) -> None:
+        self._model: llama_cpp.llama_model_p | None = model
+        self._ctx: llama_cpp.llama_context_p | None = ctx
         self._mctx = mctx
         self._template = template
         self.info = info
-        self._ctx = llm.ctx
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._n_batch = llm.n_batch
-        self._n_ctx = llm.n_ctx()
-        self._batch: llama_cpp.llama_batch | None = llama_cpp.llama_batch_init(llm.n_batch, 0, 1)
+        self._prompt_cache = prompt_cache
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._n_batch = int(llama_cpp.llama_n_batch(ctx))
+        self._n_ctx = info.n_ctx
+        self._slots = [_Slot(i) for i in range(info.parallel)]
+        self._active: list[_Sequence] = []  # in admission order: prompts are served oldest first
+        self._finished: list[_Sequence] = []  # ended since the last step() returned
+        self._clock = 0
+        n_rows = max(self._n_batch, info.parallel)
+        self._batch: llama_cpp.llama_batch | None = llama_cpp.llama_batch_init(n_rows, 0, 1)
+
+    @property
+    def parallel(self) -> int:
+        return len(self._slots)
+
+    @property
+    def free_slots(self) -> int:
+        return sum(not s.busy for s in self._slots)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
 
     # load ---------------------------------------------------------------------------------------
 
@@ -604,16 +742,18 @@ class Engine:
         threads = choose_threads(config.threads)
         supported = bool(llama_cpp.llama_supports_gpu_offload())
         active = supported and config.n_gpu_layers != 0
-        llm = _open_llama(config, threads)
-        mctx = None
+        model = _open_model(config)
+        ctx = mctx = None
         try:
-            template = _open_template(config, llm)
+            ctx = _open_context(config, model, threads)
+            template = _open_template(config, model)
             if config.mmproj_path is not None:
-                mctx = _open_mtmd(config, llm, threads, use_gpu=active)
+                mctx = _open_mtmd(config, model, threads, use_gpu=active)
+            meta = functools.partial(_meta, model)
             info = ModelInfo(
-                name=config.name or llm.metadata.get("general.name") or config.model_path.stem,
-                architecture=llm.metadata.get("general.architecture", "unknown"),
-                quantization=_quantization(llm.metadata, llm.model),
+                name=config.name or meta("general.name") or config.model_path.stem,
+                architecture=meta("general.architecture") or "unknown",
+                quantization=_quantization(meta("general.file_type"), model),
                 model_path=config.model_path,
                 model_bytes=model_bytes,
                 model_sha256=model_sha,
@@ -624,56 +764,63 @@ class Engine:
                 gpu_offload_supported=supported,
                 gpu_offload_active=active,
                 n_gpu_layers=config.n_gpu_layers,
-                n_ctx=llm.n_ctx(),
+                n_ctx=int(llama_cpp.llama_n_ctx_seq(ctx)),
                 threads=threads,
                 system_info=_system_info(),
-                description=llm.metadata.get("general.description", ""),
+                description=meta("general.description") or "",
+                parallel=int(llama_cpp.llama_n_seq_max(ctx)),
             )
         except BaseException:
             if mctx is not None:
                 mtmd_cpp.mtmd_free(mctx)
-            llm.close()
+            if ctx is not None:
+                llama_cpp.llama_free(ctx)
+            llama_cpp.llama_model_free(model)
             raise
-        return cls(llm, mctx, template, info)
+        return cls(model, ctx, mctx, template, info, prompt_cache=config.prompt_cache)
 
-    # generate -----------------------------------------------------------------------------------
+    # admit --------------------------------------------------------------------------------------
 
-    def generate(
-        self,
-        messages: Sequence[Message],
-        params: SamplingParams,
-        cancelled: Callable[[], bool],
-        on_piece: Callable[[str], None],
-    ) -> Completion:
-        """Render, tokenize and evaluate the conversation, then sample until a stop condition."""
-        if self._llm is None:
+    def admit(self, messages: Sequence[Message], params: SamplingParams,
+              cancelled: Callable[[], bool], on_piece: Callable[[str], None],
+              owner: str = "") -> _Sequence:
+        """Tokenize a request and place it in the free slot holding the longest reusable prefix.
+
+        Raises BadRequest for what the client must change; the request then holds no slot.
+        """
+        if self._ctx is None:
             raise RuntimeError("the engine is closed")
         if self._mctx is None and any(m.images for m in messages):
             raise BadRequest("this model has no vision projector (mmproj); send text only")
+        free = [s for s in self._slots if not s.busy]
+        if not free:
+            raise RuntimeError("no free slot: admit at most `parallel` requests at once")
         prompt = self._prompt(self._template.segments(messages))
         try:
             if prompt.n_tokens == 0:
                 raise BadRequest("the prompt is empty")
-            usage = Usage(prompt_tokens=prompt.n_tokens, image_tokens=prompt.n_image_tokens)
             self._check_room(prompt.n_tokens, params.max_tokens)
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
-            n_past = prompt.evaluate(cancelled)
-        finally:
+            keys = [_key(i) for i in prompt.items]
+            slot = max(free, key=lambda s: (self._reusable(s, keys, owner, prompt), -s.last_used))
+            keep = self._trim(slot, self._reusable(slot, keys, owner, prompt))
+        except BaseException:
             prompt.close()
-        if n_past is None or cancelled():
-            return Completion("", "cancelled", usage)
-        out = _TextOut(params.stop, on_piece)
-        reason, usage.completion_tokens = self._sample(n_past, params, cancelled, out)
-        return Completion("".join(out.parts), reason, usage)
+            raise
+        self._clock += 1
+        slot.busy, slot.owner, slot.last_used = True, owner, self._clock
+        slot.n_shared = prompt.n_shared
+        seq = _Sequence(slot, prompt, params, cancelled, on_piece, keep)
+        self._active.append(seq)
+        return seq
 
     def _prompt(self, segments: list[_Segment]) -> _Prompt:
         """Tokenize with libmtmd when a projector is loaded, else with the model's vocabulary."""
         if self._mctx is not None:
-            return _MtmdPrompt(self, self._mctx, segments)
-        return _TextPrompt(self, segments)
+            return _MtmdPrompt(self._vocab, self._mctx, segments)
+        return _TextPrompt(self._vocab, segments)
 
     def _check_room(self, n_prompt: int, max_tokens: int) -> None:
-        """Refuse before any work a prompt that, with max_tokens, would overflow the context."""
+        """Refuse before any work a prompt that, with max_tokens, would overflow its sequence."""
         room = self._n_ctx - max_tokens
         if n_prompt > room:
             raise BadRequest(
@@ -681,33 +828,146 @@ class Engine:
                 f"({self._n_ctx} minus max_tokens {max_tokens})"
             )
 
-    def _sample(
-        self, n_past: int, params: SamplingParams, cancelled: Callable[[], bool], out: _TextOut
-    ) -> tuple[FinishReason, int]:
-        """Token loop: sample, stream, and decode the token back in; returns (reason, count)."""
-        sampler = _make_sampler(params)
-        n_gen = 0
-        reason: FinishReason = "length"
+    def _reusable(self, slot: _Slot, keys: list[Key], owner: str, prompt: _Prompt) -> int:
+        return slot.common(keys, owner, prompt.n_shared) if self._prompt_cache else 0
+
+    def _trim(self, slot: _Slot, keep: int) -> int:
+        """Drop the slot's KV memory after its first `keep` items; returns how many were kept."""
+        pos = slot.ends[keep - 1] if keep else 0
+        if not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, pos, -1):
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)  # whole: never fails
+            keep = 0
+        del slot.keys[keep:], slot.ends[keep:]
+        return keep
+
+    # step ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[_Sequence]:
+        """Advance every admitted request by one round; returns those that ended in it.
+
+        A failure ends the requests it touched (their `error` is set) instead of escaping, so every
+        slot is free again afterwards.
+        """
+        if self._ctx is None:
+            raise RuntimeError("the engine is closed")
         try:
-            while n_gen < params.max_tokens:
-                token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    reason = "stop"
-                    break
-                n_gen += 1
-                if out.feed(self._piece(token)):
-                    return "stop", n_gen
-                if n_gen >= params.max_tokens:
-                    break
-                if cancelled():
-                    reason = "cancelled"
-                    break
-                self._decode([token], n_past)
-                n_past += 1
-        finally:
-            llama_cpp.llama_sampler_free(sampler)
-        out.finish()
-        return reason, n_gen
+            self._advance()
+        except Exception as exc:
+            log.exception("engine step failed; ending %d requests", len(self._active))
+            for seq in list(self._active):
+                self._fail(seq, exc)
+        done, self._finished = self._finished, []
+        return done
+
+    def _advance(self) -> None:
+        for seq in list(self._active):
+            if seq.cancelled():
+                self._finish(seq, "cancelled")
+        imaging = next((s for s in self._active if s.next_image() is not None), None)
+        if imaging is not None:
+            self._eval_image(imaging)
+        spans = self._fill_batch()
+        if spans:
+            self._decode_spans(spans)
+
+    def _eval_image(self, seq: _Sequence) -> None:
+        """Encode one image and decode its embeddings into the sequence (others wait meanwhile)."""
+        item = seq.next_image()
+        assert item is not None and self._mctx is not None
+        new_past = llama_cpp.llama_pos(0)
+        rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
+            self._mctx, self._ctx, item.chunk, seq.n_past, seq.slot.seq_id, self._n_batch, False,
+            ctypes.byref(new_past))
+        if rc != 0:
+            self._fail(seq, RuntimeError(f"evaluating an image failed (mtmd error {rc})"))
+            return
+        seq.slot.keys.append(item.key)
+        seq.slot.ends.append(new_past.value)
+        seq.n_past = new_past.value
+        seq.cursor += 1
+
+    def _fill_batch(self) -> list[_Span]:
+        """One token per generating sequence, then prompt tokens, oldest request first."""
+        spans: list[_Span] = []
+        rows = 0
+        for seq in self._active:
+            if seq.next_token is not None:
+                spans.append(_Span(seq, [seq.next_token], seq.n_past, rows, prompt=False))
+                seq.next_token = None
+                rows += 1
+        for seq in self._active:
+            run = seq.text_run(self._n_batch - rows) if rows < self._n_batch else []
+            if not run:
+                continue
+            last = seq.cursor + len(run) == len(seq.prompt.items)
+            rows += len(run)
+            spans.append(_Span(seq, run, seq.n_past, rows - 1 if last else -1, prompt=True))
+        return spans
+
+    def _decode_spans(self, spans: list[_Span]) -> None:
+        """Decode all spans in one llama_decode, then sample each sequence that asked for logits."""
+        batch = self._batch
+        assert batch is not None
+        row = 0
+        for span in spans:
+            for i, token in enumerate(span.tokens):
+                batch.token[row] = token
+                batch.pos[row] = span.pos + i  # type: ignore[call-overload]  # stub: array of arrays
+                batch.n_seq_id[row] = 1
+                batch.seq_id[row][0] = span.seq.slot.seq_id
+                batch.logits[row] = row == span.index
+                row += 1
+        batch.n_tokens = row
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            for span in spans:
+                self._fail(span.seq, RuntimeError(f"llama_decode failed with status {rc}"))
+            return
+        for span in spans:
+            span.seq.remember(span.tokens, span.pos)
+            span.seq.n_past += len(span.tokens)
+            if span.prompt:
+                span.seq.cursor += len(span.tokens)
+            if span.index >= 0 and not span.seq.finished:
+                self._sample(span.seq, span.index)
+
+    def _sample(self, seq: _Sequence, row: int) -> None:
+        """Sample the next token from batch row `row`; stream it, or end the request."""
+        token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, row)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq, "stop")
+            return
+        seq.n_gen += 1
+        if seq.out.feed(self._piece(token)):
+            self._finish(seq, "stop", flush=False)  # the stop string itself is never emitted
+        elif seq.n_gen >= seq.params.max_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.next_token = token
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, flush: bool = True) -> None:
+        if flush:
+            seq.out.finish()
+        seq.usage.completion_tokens = seq.n_gen
+        seq.completion = Completion("".join(seq.out.parts), reason, seq.usage)
+        self._release(seq)
+
+    def _fail(self, seq: _Sequence, error: BaseException) -> None:
+        """End a request with an error; its slot's memory is wiped, since its state is unknown."""
+        seq.error = error
+        llama_cpp.llama_memory_seq_rm(self._mem, seq.slot.seq_id, -1, -1)
+        seq.slot.forget()
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        if seq.sampler is not None:
+            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        seq.prompt.close()
+        seq.slot.busy = False
+        if seq in self._active:
+            self._active.remove(seq)
+            self._finished.append(seq)
 
     def _piece(self, token: int) -> bytes:
         """Bytes of one token; control tokens render as nothing so they never reach clients."""
@@ -720,34 +980,44 @@ class Engine:
             size = -n
         raise RuntimeError("llama_token_to_piece failed")
 
-    def _decode(self, tokens: list[int], pos: int) -> None:
-        """Decode tokens at positions pos.. in sequence 0, keeping logits of the last one."""
-        batch = self._batch
-        assert batch is not None
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = pos + i  # type: ignore[call-overload]  # stub says array of arrays
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(tokens) - 1
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc}")
+    # one request --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        on_piece: Callable[[str], None],
+        owner: str = "",
+    ) -> Completion:
+        """Run one request to its end (other admitted requests advance meanwhile)."""
+        seq = self.admit(messages, params, cancelled, on_piece, owner)
+        while not seq.finished:
+            self.step()
+        if seq.error is not None:
+            raise seq.error
+        assert seq.completion is not None
+        return seq.completion
 
     # close --------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the projector, the batch and the model; safe to call more than once."""
+        """Free requests still admitted, the projector, the batch, context and model; idempotent."""
+        for seq in list(self._active):
+            self._fail(seq, RuntimeError("the engine was closed"))
+        self._finished.clear()
         if self._mctx is not None:
             mtmd_cpp.mtmd_free(self._mctx)
             self._mctx = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
 
 
 def _make_sampler(params: SamplingParams) -> llama_cpp.llama_sampler_p:
@@ -773,43 +1043,96 @@ def _make_sampler(params: SamplingParams) -> llama_cpp.llama_sampler_p:
 
 _SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
                 "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+N_BATCH = 512  # prompt tokens per decode: also the most another client waits between its tokens
+_BACKEND = {"ready": False}
+_KEEP_ALIVE: list[object] = []  # ctypes arrays the model params point at (tensor_split)
 
 
-def _open_llama(config: EngineConfig, threads: int) -> llama_cpp.Llama:
-    """Create the Llama (model + context) or raise ModelLoadError with llama.cpp's reason."""
+def _backend_init() -> None:
+    """llama_backend_init once per process (what Llama() does on first use)."""
+    if not _BACKEND["ready"]:
+        llama_cpp.llama_backend_init()
+        _BACKEND["ready"] = True
+
+
+def _load_error(config: EngineConfig, errors: list[str], fallback: str) -> ModelLoadError:
+    reason = "; ".join(errors[-3:]) or fallback
+    return ModelLoadError(
+        f"llama.cpp could not load the model {config.model_path}: {reason}",
+        hint="check that the file is complete (compare its SHA-256 with the publisher's) "
+        "and that this build supports its architecture and quantization",
+    )
+
+
+def _open_model(config: EngineConfig) -> llama_cpp.llama_model_p:
+    """Load the weights with the low-level API (Llama() cannot set n_seq_max), or ModelLoadError."""
+    _backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0x7FFFFFFF if config.n_gpu_layers == -1 else config.n_gpu_layers
+    params.split_mode = _SPLIT_MODES[config.split_mode]
+    params.main_gpu = config.main_gpu
+    if config.tensor_split:
+        split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*config.tensor_split)
+        _KEEP_ALIVE.append(split)
+        params.tensor_split = split
+    params.load_mode = (llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK if config.use_mlock
+                        else llama_cpp.LLAMA_LOAD_MODE_MMAP)
     with _capture_native_errors() as errors:
-        try:
-            return llama_cpp.Llama(
-                model_path=str(config.model_path),
-                n_gpu_layers=config.n_gpu_layers,
-                n_ctx=config.n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                use_mlock=config.use_mlock,
-                split_mode=_SPLIT_MODES[config.split_mode],
-                main_gpu=config.main_gpu,
-                tensor_split=list(config.tensor_split) or None,
-                verbose=False,
-            )
-        except Exception as e:
-            reason = "; ".join(errors[-3:]) or str(e)
-            raise ModelLoadError(
-                f"llama.cpp could not load the model {config.model_path}: {reason}",
-                hint="check that the file is complete (compare its SHA-256 with the publisher's) "
-                "and that this build supports its architecture and quantization",
-            ) from None
+        model: llama_cpp.llama_model_p | None = llama_cpp.llama_model_load_from_file(
+            str(config.model_path).encode(), params)
+    if model is None:
+        raise _load_error(config, errors, "llama_model_load_from_file failed")
+    return model
 
 
-def _open_template(config: EngineConfig, llm: llama_cpp.Llama) -> _ChatTemplate:
+def _open_context(config: EngineConfig, model: llama_cpp.llama_model_p,
+                  threads: int) -> llama_cpp.llama_context_p:
+    """A context with `parallel` sequences of n_ctx tokens each, in separate KV streams.
+
+    kv_unified = false gives every sequence its own n_ctx (llama.cpp splits the total evenly), so
+    one long request can never crowd another out of the cache mid-generation.
+    """
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = config.n_ctx * config.parallel
+    params.n_batch = params.n_ubatch = min(N_BATCH, params.n_ctx)
+    params.n_seq_max = config.parallel
+    params.kv_unified = False
+    params.n_threads = params.n_threads_batch = threads
+    params.no_perf = True
+    with _capture_native_errors() as errors:
+        ctx: llama_cpp.llama_context_p | None = llama_cpp.llama_init_from_model(model, params)
+    if ctx is None:
+        raise ModelLoadError(
+            f"llama.cpp could not create a context of {config.parallel} x {config.n_ctx} tokens: "
+            + ("; ".join(errors[-3:]) or "llama_init_from_model failed"),
+            hint="lower [model] n_ctx or parallel (the KV cache needs memory for their product)")
+    return ctx
+
+
+def _meta(model: llama_cpp.llama_model_p, key: str) -> str | None:
+    """A scalar GGUF metadata value as text, or None when the model does not have the key."""
+    size = 256
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", "replace")
+        size = n + 1
+    return None
+
+
+def _open_template(config: EngineConfig, model: llama_cpp.llama_model_p) -> _ChatTemplate:
     """The configured or embedded chat template, compiled and test-rendered."""
-    source = config.chat_template or llm.metadata.get("tokenizer.chat_template")
+    source = config.chat_template or _meta(model, "tokenizer.chat_template")
     if not source:
         raise ModelLoadError(
             f"the model {config.model_path} has no chat template (tokenizer.chat_template)",
             hint="set chat_template in [model] to the model's Jinja chat template",
         )
     where = "chat_template in [model]" if config.chat_template else "the model's chat template"
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    vocab = llama_cpp.llama_model_get_vocab(model)
     try:
         template = _ChatTemplate(
             source,
@@ -836,7 +1159,7 @@ def _token_text(vocab: llama_cpp.llama_vocab_p, which: Literal["bos", "eos"]) ->
 
 
 def _open_mtmd(
-    config: EngineConfig, llm: llama_cpp.Llama, threads: int, use_gpu: bool
+    config: EngineConfig, model: llama_cpp.llama_model_p, threads: int, use_gpu: bool
 ) -> mtmd_cpp.mtmd_context_p:
     """Create the mtmd context ourselves: no warm-up, bounded image tokens, secret marker."""
     assert config.mmproj_path is not None
@@ -852,7 +1175,7 @@ def _open_mtmd(
         params.image_max_tokens = config.image_max_tokens
     with _capture_native_errors() as errors:
         path = str(config.mmproj_path).encode()
-        mctx: mtmd_cpp.mtmd_context_p | None = mtmd_cpp.mtmd_init_from_file(path, llm.model, params)
+        mctx: mtmd_cpp.mtmd_context_p | None = mtmd_cpp.mtmd_init_from_file(path, model, params)
     if mctx is None:
         raise _mtmd_load_error(config, errors)
     if not mtmd_cpp.mtmd_support_vision(mctx):

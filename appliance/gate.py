@@ -14,7 +14,7 @@ from typing import Any
 
 from .audit import AuditUnavailable
 from .errors import ClientError, PayloadTooLarge, ServiceUnavailable, Unauthorized
-from .identity import PUBLIC_PATHS, authorize, identify, network_gate
+from .identity import authorize, identify, is_console, is_public, network_gate
 from .limits import ClientLimits
 from .policy import Policy
 from .trail import Trail
@@ -83,7 +83,7 @@ class Gate:
         policy = self.policy()  # one snapshot per request: a reload never changes it midway
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, policy=policy, t0=time.monotonic())
-        send = self._headers(send, request_id)
+        send = self._headers(send, request_id, keep_csp=is_console(scope.get("path", "")))
         try:
             release = self._admit(scope, policy)
         except ClientError as exc:
@@ -145,7 +145,7 @@ class Gate:
     def _admit(self, scope: Scope, policy: Policy) -> Callable[[], None]:
         caller = network_gate(dict(scope), policy)
         scope["state"]["caller"] = caller
-        if scope.get("path", "") in PUBLIC_PATHS:
+        if is_public(dict(scope)):
             return _noop
         caller = identify(dict(scope), policy, caller)
         scope["state"]["caller"] = caller  # known from here on: audited even if refused below
@@ -155,12 +155,19 @@ class Gate:
         return self.limits.acquire(caller.client)
 
     @staticmethod
-    def _headers(send: Send, request_id: str) -> Send:
+    def _headers(send: Send, request_id: str, keep_csp: bool = False) -> Send:
+        """Security headers on every response; only console routes may set their own CSP."""
+        # The gate's own values win (no duplicates); only console routes may keep their own CSP.
+        ours = (b"server", b"x-request-id", b"cache-control", b"strict-transport-security",
+                b"x-content-type-options", b"x-frame-options", b"referrer-policy")
+        dropped = ours if keep_csp else (*ours, b"content-security-policy")
+
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", [])
-                           if h[0].lower() not in (b"server", b"x-request-id")]
-                headers.extend(SECURITY_HEADERS)
+                headers = [h for h in message.get("headers", []) if h[0].lower() not in dropped]
+                own_csp = any(h[0].lower() == b"content-security-policy" for h in headers)
+                headers.extend(h for h in SECURITY_HEADERS
+                               if not (own_csp and h[0] == b"content-security-policy"))
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers
             await send(message)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,37 @@ from .tokens import find_client
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# The browser console's page and assets load before a token exists (the mTLS handshake still applies);
+# everything they call needs the token. GET/HEAD only: these exact paths, or one file name under a prefix.
+CONSOLE_PATHS = frozenset({"/console"})
+PUBLIC_PREFIXES = ("/console/static/",)
 ROUTE_SCOPES = {
     "/v1/chat/completions": "chat",
     "/api/v1/chat": "chat",
     "/v1/models": "models",
     "/metrics": "metrics",
     "/api/v1/health": "admin",
+    "/openapi.json": "admin",
 }
+
+
+_ASSET_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]+)+")  # one path segment: no '/', no '..'
+
+
+def is_console(path: str) -> bool:
+    """The console's own paths (the page, or one file name under a public prefix), which may set a CSP."""
+    if path in CONSOLE_PATHS:
+        return True
+    prefix = next((p for p in PUBLIC_PREFIXES if path.startswith(p)), None)
+    return prefix is not None and _ASSET_NAME.fullmatch(path[len(prefix):]) is not None
+
+
+def is_public(scope: dict[str, Any]) -> bool:
+    """Paths that pass the network gate without a token: health probes, and the console's GETs."""
+    path = scope.get("path", "")
+    if path in PUBLIC_PATHS:
+        return True
+    return scope.get("method") in ("GET", "HEAD") and is_console(path)
 
 
 @dataclass(frozen=True)
@@ -49,7 +74,8 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 def source_ip(scope: dict[str, Any], policy: Policy) -> IPAddress:
     """The socket peer; X-Forwarded-For only when that peer is a configured trusted proxy."""
-    peer = ipaddress.ip_address((scope.get("client") or ("0.0.0.0", 0))[0])  # noqa: S104
+    unknown = ("0.0.0.0", 0)  # noqa: S104 - never bound: a peerless scope, in no allow range  # nosec B104
+    peer = ipaddress.ip_address((scope.get("client") or unknown)[0])
     forwarded = _header(scope, b"x-forwarded-for")
     if forwarded is None or not _in(peer, policy.server.trusted_proxies):
         return peer
@@ -76,6 +102,9 @@ def network_gate(scope: dict[str, Any], policy: Policy) -> Caller:
 
 
 def _bearer(scope: dict[str, Any]) -> str | None:
+    """The bearer token; two Authorization headers are ambiguous (a proxy may read the other) and none."""
+    if sum(1 for key, _ in scope.get("headers", ()) if key == b"authorization") > 1:
+        return None
     value = _header(scope, b"authorization")
     if value is None:
         return None

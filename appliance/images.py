@@ -23,7 +23,12 @@ from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from .inference import RGBImage
 
 FORMATS = ("PNG", "JPEG", "WEBP")
-_DATA_URI = re.compile(r"^data:image/(png|jpeg|jpg|webp);base64,", re.IGNORECASE)
+# ASCII letters in either case, spelled out: re.IGNORECASE would also let U+017F (long s) stand for "s"
+# and U+212A (Kelvin) for "k". The OpenAPI document uses the same patterns.
+DATA_URI_PATTERN = (r"^[Dd][Aa][Tt][Aa]:[Ii][Mm][Aa][Gg][Ee]/"
+                    r"([Pp][Nn][Gg]|[Jj][Pp][Ee]?[Gg]|[Ww][Ee][Bb][Pp]);[Bb][Aa][Ss][Ee]64,")
+BASE64_PATTERN = r"([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"  # what b64decode accepts
+_DATA_URI = re.compile(DATA_URI_PATTERN)
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]{16,}={0,2}$")
 _MAX_SIDE = 32768
 

@@ -69,6 +69,8 @@ class EngineConfig:
     tensor_split: tuple[float, ...] = ()
     model_sha256: str | None = None  # pinned digests: a different file is refused before parsing
     mmproj_sha256: str | None = None
+    parallel: int = 4  # sequences decoded together in one batch; each gets its own n_ctx
+    prompt_cache: bool = True  # reuse a slot's KV prefix (system prompt across clients)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class ModelInfo:
     threads: int
     system_info: str
     description: str = ""  # general.description from the GGUF
+    parallel: int = 1  # sequences decoded together (slots)
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -104,6 +107,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     image_tokens: int = 0
+    cached_tokens: int = field(default=0, compare=False)  # prompt tokens whose KV was reused
 
     @property
     def total_tokens(self) -> int:

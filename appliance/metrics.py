@@ -40,6 +40,14 @@ class Metrics:
         self.completion_tokens = Counter("qwa_completion_tokens_total", "Completion tokens",
                                          registry=r)
         self.images = Counter("qwa_images_total", "Images accepted", registry=r)
+        self.prompt_cached = Counter("qwa_prompt_cached_tokens_total",
+                                     "Prompt tokens whose KV was reused instead of evaluated", registry=r)
+        self.response_cache = Counter("qwa_response_cache_total", "Response cache lookups by result",
+                                      ["result"], registry=r)
+        self.response_cache_ratio = Gauge("qwa_response_cache_hit_ratio",
+                                          "Response cache hits / lookups since start", registry=r)
+        self.response_cache_entries = Gauge("qwa_response_cache_entries", "Answers held in memory",
+                                            registry=r)
         self.intake = Histogram("qwa_intake_seconds", "Request parsing and image decoding time",
                                 buckets=_LATENCY, registry=r)
         self.audit_write = Histogram("qwa_audit_write_seconds", "Audit record write + fsync",
@@ -60,7 +68,7 @@ class Metrics:
             self.refusals.labels(reason.split(":", 1)[0]).inc()
 
     def observe_generation(self, queue_s: float, ttft_s: float | None, decode_s: float,
-                           prompt_tokens: int, completion_tokens: int) -> None:
+                           prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
         self.queue_wait.observe(queue_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
@@ -68,6 +76,13 @@ class Metrics:
             self.tps.observe((completion_tokens - 1) / decode_s)
         self.prompt_tokens.inc(prompt_tokens)
         self.completion_tokens.inc(completion_tokens)
+        self.prompt_cached.inc(cached_tokens)
+
+    def observe_cache(self, hit: bool, hit_ratio: float, entries: int) -> None:
+        """One response-cache lookup (only for clients with cache = true and deterministic requests)."""
+        self.response_cache.labels("hit" if hit else "miss").inc()
+        self.response_cache_ratio.set(hit_ratio)
+        self.response_cache_entries.set(entries)
 
     def observe_gpu(self, snapshot: dict[str, Any]) -> None:
         self.gpu_available.set(1 if snapshot.get("available") else 0)

@@ -65,6 +65,8 @@ class ModelPolicy:
     n_gpu_layers: int
     n_ctx: int
     threads: int
+    parallel: int
+    prompt_cache: bool
     chat_template: str | None
     data_dir: Path | None
     image_min_tokens: int
@@ -86,6 +88,8 @@ class LimitsPolicy:
     max_images: int
     max_tokens: int
     max_queue: int
+    response_cache_entries: int
+    response_cache_ttl_s: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class AuditPolicy:
     fsync_interval_ms: int
     rotate_bytes: int
     retention_days: int
+    forward: str
+    forward_socket: Path | None
     fail_closed: bool
 
 
@@ -120,6 +126,7 @@ class Client:
     expires: dt.date | None = None
     rate: Rate | None = None
     max_concurrent: int | None = None
+    cache: bool = False
     disabled: bool = False
 
 
@@ -227,7 +234,11 @@ def _table(errs: _Collector, base: Path, table: dict[str, Any], keys: tuple[Sett
         if key not in table:
             if setting.default is REQUIRED:
                 errs.add(f"{where}.{key}", "missing", hint=setting.help)
-            out[key] = setting.default
+                out[key] = REQUIRED
+            elif setting.default is not None and setting.kind in ("path", "cidrs", "floats", "hexlist"):
+                out[key] = _value(errs, base, setting, setting.default, f"{where}.{key}")
+            else:
+                out[key] = setting.default
             continue
         out[key] = _value(errs, base, setting, table[key], f"{where}.{key}")
     return out
@@ -269,7 +280,10 @@ def _bool(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> An
 def _path(s: Setting, value: Any, bad: Callable[[str], Any], base: Path) -> Any:
     if not isinstance(value, str) or not value or "\x00" in value:
         return bad("must be a non-empty path string")
-    return (base / Path(value).expanduser()).resolve()
+    try:
+        return (base / Path(value).expanduser()).resolve()
+    except RuntimeError:  # "~nosuchuser/...": expanduser cannot find that home directory
+        return bad(f"{value!r}: no such user's home directory")
 
 
 def _listen(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:

@@ -56,17 +56,22 @@ def parse_openai_chat(body: Any, rules: IntakeRules) -> ChatJob:
     model = body.get("model")
     if model is not None and model != rules.model_name:
         raise NotFound(f"that model is not served here; GET /v1/models lists {rules.model_name!r}")
-    if body.get("n", 1) != 1:
+    if _integer(body.get("n", 1)) != 1:
         raise BadRequest("n must be 1: one completion per request")
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise BadRequest("messages must be a non-empty array")
     if len(raw) > MAX_MESSAGES:
         raise BadRequest(f"messages has {len(raw)} entries; at most {MAX_MESSAGES}")
+    _precount_images(raw, rules)
     messages = tuple(_message(m, i, rules) for i, m in enumerate(raw))
     _count_images(messages, rules)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return ChatJob(messages, _params(body, max_tokens, rules), _bool(body, "stream", False))
+    legacy = body.get("max_tokens")
+    if legacy is not None:
+        _max_tokens(legacy, rules)  # checked even when max_completion_tokens wins: never silently ignored
+    max_tokens = body.get("max_completion_tokens")
+    return ChatJob(messages, _params(body, legacy if max_tokens is None else max_tokens, rules),
+                   _bool(body, "stream", False))
 
 
 def parse_api_chat(body: Any, rules: IntakeRules) -> ChatJob:
@@ -129,6 +134,14 @@ def _part(raw: Any, where: str, role: str, rules: IntakeRules) -> Part:
     raise BadRequest(f"{where}.type must be \"text\" or \"image_url\"")
 
 
+def _precount_images(raw: list[Any], rules: IntakeRules) -> None:
+    """Refuse too many image parts before decoding any: 10,000 tiny images must not cost 10,000 decodes."""
+    count = sum(1 for m in raw if isinstance(m, dict) and isinstance(m.get("content"), list)
+                for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+    if count > rules.max_images:
+        raise BadRequest(f"request has {count} images; at most {rules.max_images}")
+
+
 def _count_images(messages: tuple[Message, ...], rules: IntakeRules) -> None:
     count = sum(len(m.images) for m in messages)
     if count > rules.max_images:
@@ -138,15 +151,10 @@ def _count_images(messages: tuple[Message, ...], rules: IntakeRules) -> None:
 def _params(body: dict[str, Any], max_tokens: Any, rules: IntakeRules) -> SamplingParams:
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, rules.max_tokens)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise BadRequest("max_tokens must be a positive integer")
-    if max_tokens > rules.max_tokens:
-        raise BadRequest(f"max_tokens is {max_tokens}; this appliance allows at most "
-                         f"{rules.max_tokens}")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not -(2**63) <= seed < 2**64):
-        raise BadRequest("seed must be an integer")
+    max_tokens = _max_tokens(max_tokens, rules)
+    seed = _integer(body.get("seed"))
+    if (seed is None and body.get("seed") is not None) or (seed is not None and not -(2**63) <= seed < 2**64):
+        raise BadRequest("seed must be an integer from -2**63 to 2**64-1")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.7, 0.0, 2.0),
@@ -154,6 +162,22 @@ def _params(body: dict[str, Any], max_tokens: Any, rules: IntakeRules) -> Sampli
         seed=seed,
         stop=_stop(body.get("stop")),
     )
+
+
+def _integer(value: Any) -> int | None:
+    """A JSON integer: 16 and 16.0 are the same number in JSON (and in JSON Schema); true is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _max_tokens(value: Any, rules: IntakeRules) -> int:
+    number = _integer(value)
+    if number is None or number < 1:
+        raise BadRequest("max_tokens must be a positive integer")
+    if number > rules.max_tokens:
+        raise BadRequest(f"max_tokens is {number}; this appliance allows at most {rules.max_tokens}")
+    return number
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:

@@ -39,11 +39,27 @@ log = logging.getLogger("appliance.server")
 TINY_MODEL_MARK = "random weights"
 
 
+# uvicorn bounds only the idle time between requests (timeout_keep_alive); these bound the request itself, so
+# slow or endless headers and bodies (slowloris) cannot hold connections and memory open.
+HEAD_TIMEOUT_S = 10.0  # request line and headers, from the end of the TLS handshake or the first byte
+BODY_TIMEOUT_S = 60.0  # for each BODY_PROGRESS_BYTES of the body: a slow link is fine, a trickle is not
+BODY_PROGRESS_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # request line plus headers; httptools alone buffers any amount
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback; httptools turns it into a parse error and uvicorn into a refusal."""
+
+
 class CertAwareProtocol(HttpToolsProtocol):
-    """Adds `scope["extensions"]["tls"]` (client certificate facts, TLS version) to every request."""
+    """Adds `scope["extensions"]["tls"]` (client certificate facts, TLS version) to every request, and
+    deadlines and a size limit for each request's head and body."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._arm(HEAD_TIMEOUT_S, "request headers")
         self._tls: dict[str, Any] = {"client_cert": None}
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None:
@@ -52,6 +68,41 @@ class CertAwareProtocol(HttpToolsProtocol):
         self._tls = {"client_cert": peer_cert(der).as_scope() if der else None,
                      "tls_version": ssl_object.version(),
                      "cipher_suite": (ssl_object.cipher() or ("",))[0]}
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expire, seconds, what)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self, seconds: float, what: str) -> None:
+        log.warning("closing the connection from %s: %s not received within %.0f s", self.client,
+                    what, seconds)
+        self._deadline = None
+        self.transport.abort()
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to an unparsable request; 431 when it was our head limit that stopped it."""
+        if self._head_bytes <= MAX_HEAD_BYTES:
+            super().send_400_response(msg)
+            return
+        log.warning("refused a request from %s: headers over %d bytes", self.client, MAX_HEAD_BYTES)
+        body = b"Request header fields too large."
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
 
     def shutdown(self) -> None:
         """Drop idle keep-alive connections at once; a TLS close would wait up to 30 s for the peer."""
@@ -62,8 +113,35 @@ class CertAwareProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_bytes = 0
+        if self._deadline is None:
+            self._arm(HEAD_TIMEOUT_S, "request headers")
         tls: dict[object, object] = dict(self._tls.items())
         self.scope["extensions"] = {"tls": tls}
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._body_bytes = 0
+        self._arm(BODY_TIMEOUT_S, "request body")
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes >= BODY_PROGRESS_BYTES:  # progress: the next 64 KiB get a fresh minute
+            self._body_bytes = 0
+            self._arm(BODY_TIMEOUT_S, "request body")
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
 
 
 class ApplianceServer(uvicorn.Server):
@@ -115,7 +193,8 @@ def engine_config(policy: Policy) -> EngineConfig:
         threads=m.threads, chat_template=m.chat_template, name=m.name,
         image_min_tokens=m.image_min_tokens, image_max_tokens=m.image_max_tokens,
         use_mlock=m.use_mlock, split_mode=m.split_mode, main_gpu=m.main_gpu,
-        tensor_split=m.tensor_split, model_sha256=m.sha256, mmproj_sha256=m.mmproj_sha256)
+        tensor_split=m.tensor_split, model_sha256=m.sha256, mmproj_sha256=m.mmproj_sha256,
+        parallel=m.parallel, prompt_cache=m.prompt_cache)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -189,7 +268,8 @@ def open_audit(policy: Policy) -> AuditLog:
     a = policy.audit
     audit = AuditLog(AuditConfig(dir=a.dir, hmac_key_file=a.hmac_key_file, fsync=a.fsync,
                                  fsync_interval_ms=a.fsync_interval_ms, rotate_bytes=a.rotate_bytes,
-                                 retention_days=a.retention_days, fail_closed=a.fail_closed))
+                                 retention_days=a.retention_days, fail_closed=a.fail_closed,
+                                 forward=a.forward, forward_socket=a.forward_socket))
     try:
         audit.open()
         audit.purge()
@@ -207,7 +287,7 @@ def _observer(metrics: Metrics) -> Callable[[Job, Completion], None]:
         ttft = first - job.submitted_at if first is not None else None
         decode = time.monotonic() - first if first is not None else 0.0
         metrics.observe_generation(job.queue_ms / 1000, ttft, decode, c.usage.prompt_tokens,
-                                   c.usage.completion_tokens)
+                                   c.usage.completion_tokens, c.usage.cached_tokens)
     return observe
 
 

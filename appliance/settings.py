@@ -64,6 +64,13 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=256, maximum=262144),
     _s("model", "threads", "int", 0, "CPU threads for inference; 0 picks a value for this host.",
        minimum=0, maximum=256),
+    _s("model", "parallel", "int", 4,
+       "Requests decoded together in one batch (slots); each has its own n_ctx, so the KV cache holds "
+       "parallel x n_ctx tokens. More waiting requests queue (max_queue).", minimum=1, maximum=16),
+    _s("model", "prompt_cache", "bool", True,
+       "Reuse a slot's already evaluated prompt prefix: across clients only template and system text "
+       "(a timing side channel could otherwise reveal another client's document), in full for the same "
+       "client."),
     _s("model", "chat_template", "str", None,
        "Jinja chat template overriding the one embedded in the GGUF."),
     _s("model", "data_dir", "path", None,
@@ -101,6 +108,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s("limits", "max_queue", "int", 16,
        "Requests waiting for the engine; beyond this clients get 503 with Retry-After.",
        minimum=1),
+    _s("limits", "response_cache_entries", "int", 256,
+       "Answers kept in memory for clients with cache = true (0 turns the cache off).", minimum=0,
+       maximum=100_000),
+    _s("limits", "response_cache_ttl_s", "int", 300,
+       "Seconds a cached answer may be served again.", minimum=1, maximum=86400),
     # [audit]
     _s("audit", "dir", "path", "audit",
        "Directory of the JSON Lines audit trail (0700; files 0600)."),
@@ -116,6 +128,12 @@ SETTINGS: tuple[Setting, ...] = (
        minimum=4096),
     _s("audit", "retention_days", "int", 30,
        "Files older than this are deleted (each deletion is itself recorded).", minimum=1),
+    _s("audit", "forward", "choice", "none",
+       "Also send each record to the local journald or syslog socket, so the host's existing forwarding "
+       "(journal-upload, rsyslog) carries it to the bank's SIEM; the daemon opens no network connection.",
+       choices=("none", "journald", "syslog")),
+    _s("audit", "forward_socket", "path", None,
+       "Socket for forward; default /run/systemd/journal/socket (journald) or /dev/log (syslog)."),
     _s("audit", "fail_closed", "bool", True,
        "Refuse requests with 503 while records cannot be written; false serves without an audit trail."),
     # [health]
@@ -146,6 +164,9 @@ SETTINGS: tuple[Setting, ...] = (
        "Requests allowed per client, e.g. \"60/minute\"; more get 429 with Retry-After."),
     _s("clients", "max_concurrent", "int", None,
        "Requests one client may have in flight at once; more get 429.", minimum=1),
+    _s("clients", "cache", "bool", False,
+       "Serve this client's repeated deterministic requests (temperature 0 or a fixed seed) from an "
+       "in-memory answer cache; never shared with another client."),
     _s("clients", "disabled", "bool", False,
        "Switch a client off without deleting it; its token then gets 401."),
 )
@@ -169,6 +190,8 @@ EXAMPLES = {
     "model.n_gpu_layers": "n_gpu_layers = -1",
     "model.n_ctx": "n_ctx = 8192",
     "model.threads": "threads = 8",
+    "model.parallel": "parallel = 8",
+    "model.prompt_cache": "prompt_cache = true",
     "model.chat_template": 'chat_template = "{% for m in messages %}...{% endfor %}"',
     "model.data_dir": 'data_dir = "/secure_data"',
     "model.image_min_tokens": "image_min_tokens = 256",
@@ -186,12 +209,16 @@ EXAMPLES = {
     "limits.max_images": "max_images = 4",
     "limits.max_tokens": "max_tokens = 2048",
     "limits.max_queue": "max_queue = 16",
+    "limits.response_cache_entries": "response_cache_entries = 1024",
+    "limits.response_cache_ttl_s": "response_cache_ttl_s = 600",
     "audit.dir": 'dir = "/var/log/qwen-appliance"',
     "audit.hmac_key_file": 'hmac_key_file = "/etc/qwen-appliance/audit.key"',
     "audit.fsync": 'fsync = "always"',
     "audit.fsync_interval_ms": "fsync_interval_ms = 200",
     "audit.rotate_bytes": "rotate_bytes = 100_000_000",
     "audit.retention_days": "retention_days = 90",
+    "audit.forward": 'forward = "journald"',
+    "audit.forward_socket": 'forward_socket = "/run/systemd/journal/socket"',
     "audit.fail_closed": "fail_closed = true",
     "health.max_gpu_temp_c": "max_gpu_temp_c = 85",
     "health.min_audit_free_mb": "min_audit_free_mb = 1024",
@@ -206,6 +233,7 @@ EXAMPLES = {
     "clients.expires": "expires = 2027-03-01",
     "clients.rate": 'rate = "60/minute"',
     "clients.max_concurrent": "max_concurrent = 2",
+    "clients.cache": "cache = true",
     "clients.disabled": "disabled = false",
 }
 

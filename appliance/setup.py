@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -35,6 +36,7 @@ data_dir = {data_dir}     # files /api/v1/chat may name as "image"
 n_gpu_layers = -1          # all layers on the GPU when the build has CUDA
 n_ctx = 4096
 threads = 0                # 0 = choose for this host
+parallel = 4               # requests decoded together; KV memory is parallel x n_ctx
 
 [limits]
 max_body_bytes = 20_000_000
@@ -124,18 +126,28 @@ def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = N
 
 def _policy_text(directory: Path, listen: str, model: Path | None, mmproj: Path | None,
                  client: str, token: str, allow: list[str]) -> str:
-    model_s = _rel(model, directory) if model else "models/model.gguf"
+    model_s = json.dumps(_rel(model, directory) if model else "models/model.gguf")
+    if model is not None and model.is_file():
+        model_s += f'\nsha256 = "{_sha256(model)}"'  # pinned: a different file is refused at start
     mmproj_line = f"mmproj = {json.dumps(_rel(mmproj, directory))}" if mmproj else \
         '# mmproj = "models/mmproj.gguf"   # without it, images are refused'
-    return POLICY_TEMPLATE.format(listen=json.dumps(listen), model=json.dumps(model_s),
+    if mmproj is not None and mmproj.is_file():
+        mmproj_line += f'\nmmproj_sha256 = "{_sha256(mmproj)}"'
+    return POLICY_TEMPLATE.format(listen=json.dumps(listen), model=model_s,
                                   mmproj_line=mmproj_line, data_dir='"data"',
                                   client=json.dumps(client), allow=json.dumps(allow),
                                   token_sha256=token_digest(token))
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _url(listen: str, host: str) -> str:
     port = listen.rpartition(":")[2]
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached by this host's name
+    wildcard = ("0.0.0.0", "::", "")  # noqa: S104 - compared, never bound  # nosec B104
+    if host in wildcard:  # a wildcard bind is reached by this host's name
         host = socket.gethostname()
     if ":" in host:
         host = f"[{host}]"

@@ -180,3 +180,30 @@ def test_verify_cli_exit_codes(trail: Path, capsys: pytest.CaptureFixture[str]) 
     list_files(trail)[1].unlink()
     assert main(["audit", "verify", str(trail)]) == 2
     assert "BROKEN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["journald", "syslog"])
+def test_records_are_forwarded_to_a_local_socket(tmp_path: Path, kind: str) -> None:
+    import socket
+    sink_path = tmp_path / "sink.sock"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(sink_path))
+    sink.settimeout(5)
+    clock = Clock()
+    log = AuditLog(AuditConfig(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k", forward=kind,
+                               forward_socket=sink_path), clock=clock)
+    log.open()
+    log.write("request", request_id="abc", client="teller-03", status=401, reason="authentication_error")
+    got = sink.recv(65536).decode()
+    line = list_files(tmp_path / "audit")[0].read_text().splitlines()[0]
+    assert line in got  # the very same JSON record, for the SIEM to verify the chain too
+    if kind == "journald":
+        assert "SYSLOG_IDENTIFIER=qwen-appliance-audit\n" in got and "QWA_STATUS=401\n" in got
+        assert "PRIORITY=5\n" in got
+    else:
+        assert got.startswith("<134>1 ") and '[qwa@32473 event="request" seq="1" status="401"' in got
+    sink.close()
+    log.write("request", request_id="def", status=200)  # a missing listener never fails the record
+    assert log.forwarder is not None and log.forwarder.dropped == 1
+    log.close()
+    assert verify(tmp_path / "audit", expect_sealed=True).ok

@@ -30,7 +30,8 @@ def wait_for(predicate, timeout: float = 30) -> bool:  # type: ignore[no-untyped
 
 
 def test_queue_full_gets_503_and_disconnect_cancels(daemon_factory: DaemonFactory) -> None:
-    d = daemon_factory({**LONG_EDITS, "max_queue = 16": "max_queue = 1"})
+    # One slot, so B must wait (with more slots B would be decoded alongside A: test_batching.py).
+    d = daemon_factory({**LONG_EDITS, "max_queue = 16": "max_queue = 1", "parallel = 4": "parallel = 1"})
     results: dict[str, int] = {}
     with d.client() as a, a.stream("POST", "/v1/chat/completions", json=LONG) as stream:
         assert stream.status_code == 200

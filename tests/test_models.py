@@ -213,12 +213,12 @@ def test_verify_refuses_a_file_nothing_pins(installed: TinyModel, models: Path,
 def test_verify_against_the_policy_pins(installed: TinyModel, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     setup = init(tmp_path / "setup", model=installed.model, mmproj=installed.mmproj)
-    text = setup.policy.read_text()
-    pins = f'[model]\nsha256 = "{sha(installed.model)}"\nmmproj_sha256 = "{sha(installed.mmproj)}"\n'
-    setup.policy.write_text(text.replace("[model]\n", pins, 1))
+    text = setup.policy.read_text()  # init pins both digests
+    assert f'sha256 = "{sha(installed.model)}"' in text
+    assert f'mmproj_sha256 = "{sha(installed.mmproj)}"' in text
     assert main(["model", "verify", "--policy", str(setup.policy)]) == 0
     assert capsys.readouterr().out.count("(policy)") == 2
-    setup.policy.write_text(text.replace("[model]\n", pins.replace(sha(installed.model), "0" * 64), 1))
+    setup.policy.write_text(text.replace(sha(installed.model), "0" * 64, 1))
     assert main(["model", "verify", "--policy", str(setup.policy)]) == 2
     assert f"MISMATCH  {installed.model}" in capsys.readouterr().out
 

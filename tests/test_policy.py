@@ -128,3 +128,14 @@ def test_docs_cover_every_key_and_match_the_table() -> None:
     fields |= {f"audit.{k}" for k in pol.AuditPolicy.__dataclass_fields__}
     fields |= {f"health.{k}" for k in pol.HealthPolicy.__dataclass_fields__}
     assert fields | {"server.listen"} == {s.dotted for s in SETTINGS}
+
+
+def test_path_defaults_resolve_against_the_policy_folder(setup) -> None:  # type: ignore[no-untyped-def]
+    text = setup.policy.read_text()
+    start = text.index("[audit]")
+    end = text.index("[[clients]]")
+    setup.policy.write_text(text[:start] + text[end:])  # no [audit] section at all
+    p = load_policy(setup.policy)
+    assert p.audit.dir == setup.policy.parent.resolve() / "audit"
+    assert p.audit.hmac_key_file == setup.policy.parent.resolve() / "audit.key"
+    assert [str(n) for n in p.server.allow] == ["127.0.0.0/8", "::1/128"]
