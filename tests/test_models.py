@@ -452,10 +452,3 @@ def test_pull_names_a_file_missing_on_the_hub(fake_hub: dict[str, bytes], tmp_pa
 def test_model_admin_never_loads_llama_cpp() -> None:
     code = "import sys, appliance.cli, appliance.modeladmin; sys.exit('llama_cpp' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
-
-
-def test_quantization_names_match_the_engine() -> None:
-    pytest.importorskip("llama_cpp")
-    from appliance.engine import FTYPE_NAMES
-
-    assert modeladmin.FTYPE_NAMES == FTYPE_NAMES
