@@ -330,7 +330,8 @@ def _question(args: argparse.Namespace) -> str:
     return str(text)
 
 
-def request_body(question: str, image_files: list[Path], max_tokens: int | None) -> dict[str, Any]:
+def request_body(question: str, image_files: list[Path], max_tokens: int | None,
+                 temperature: float | None = None) -> dict[str, Any]:
     """An OpenAI chat request: the images first, then the question, streamed."""
     content: list[dict[str, Any]] | str = question
     if image_files:
@@ -338,6 +339,8 @@ def request_body(question: str, image_files: list[Path], max_tokens: int | None)
     body: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "stream": True}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
     return body
 
 
@@ -381,7 +384,7 @@ def ask(args: argparse.Namespace, out: TextIO | None = None) -> int:
     profile = load_profile(config_path(args.config), args.profile)
     server = (args.server or profile.server).rstrip("/")
     _check_url(server)
-    body = request_body(_question(args), args.image, args.max_tokens)
+    body = request_body(_question(args), args.image, args.max_tokens, args.temperature)
     ctx = ssl_context(profile)
     headers = {"authorization": f"Bearer {profile.token}", "accept": "text/event-stream"}
     # The appliance is reached directly on the branch LAN: proxy variables are not used.
@@ -482,6 +485,8 @@ def register(sub: Any) -> None:
                    help="a PNG, JPEG or WebP image to ask about (repeatable; PDFs: export the page as PNG)")
     p.add_argument("--server", help="https://HOST:PORT, instead of the profile's")
     p.add_argument("--max-tokens", type=int, metavar="N", help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="0 for the most likely, repeatable answer (the server's default otherwise)")
     p.add_argument("--timeout", type=float, default=300, metavar="S",
                    help="seconds to wait for the next piece of the answer (default %(default)s)")
     _common(p)

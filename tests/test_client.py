@@ -159,7 +159,8 @@ def test_ask_text_and_image(env: Env, tmp_path: Path) -> None:
 def test_answer_streams_to_stdout_as_it_is_generated(env: Env) -> None:
     config = profile(env, "main")
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "ask", "--config", str(config),
-                             "--max-tokens", "20000", "Write a long report"], stdout=subprocess.PIPE,
+                             "--max-tokens", "20000", "--temperature", "0",  # greedy: no early end
+                             "Write a long report"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
     assert proc.stdout is not None
     try:
