@@ -17,8 +17,11 @@ if [ "${QWEN_APPLIANCE_PULL:-1}" != 0 ]; then
     echo "          .venv/bin/qwen-appliance model import --models-dir $real MODEL.gguf MMPROJ.gguf"
   fi
 fi
+# Same files, and for the smoke-test pair (regenerated when its generator changes) the same digests: keep dev/.
+pinned() { [[ "$1" != "$(realpath "$tiny")"/* ]] || grep -qF "$2 = \"$(sha256sum "$1" | cut -d' ' -f1)\"" "$dev/policy.toml"; }
 if [ -f "$dev/policy.toml" ] && grep -qF "path = \"$model\"" "$dev/policy.toml" \
-    && grep -qF "mmproj = \"$mmproj\"" "$dev/policy.toml"; then
+    && grep -qF "mmproj = \"$mmproj\"" "$dev/policy.toml" \
+    && pinned "$model" sha256 && pinned "$mmproj" mmproj_sha256; then
   exit 0
 fi
 force=()

@@ -12,6 +12,7 @@ Usage: python tools/make_tiny_model.py OUTDIR [--seed N] [--quant q8_0|q4_0|f16|
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -41,6 +42,7 @@ N_CTX = 4096
 ROPE_SECTIONS = [12, 10, 10, 0]  # interleaved M-RoPE (t, h, w, -); sums to HEAD_DIM / 2
 ROPE_THETA = 5_000_000.0
 RMS_EPS = 1e-6
+CONTROL_ROW_SCALE = 0.1  # see init_tensor
 N_VOCAB = 512  # multiple of 32 so token_embd rows quantize to Q8_0/Q4_0
 
 # Vision tower shape (Qwen3-VL ViT: fused qkv, LayerNorm, GELU MLP, 2x2 spatial merge).
@@ -164,6 +166,7 @@ def learn_merges(sym: list[str], n_new: int) -> tuple[list[str], list[str]]:
     return new_tokens, merges
 
 
+@functools.cache
 def build_vocab() -> tuple[list[str], list[int], list[str]]:
     """Byte tokens, learned merges, Qwen special tokens, then unused padding up to N_VOCAB."""
     sym = byte_symbols()
@@ -178,7 +181,7 @@ def build_vocab() -> tuple[list[str], list[int], list[str]]:
 
 def text_specs() -> Iterator[Spec]:
     """Tensors llama.cpp's qwen3vl loader creates (output tied to token_embd)."""
-    yield "token_embd.weight", (N_VOCAB, N_EMBD), "w"
+    yield "token_embd.weight", (N_VOCAB, N_EMBD), "embd"
     yield "output_norm.weight", (N_EMBD,), "one"
     for i in range(N_LAYER):
         p = f"blk.{i}."
@@ -238,7 +241,13 @@ def init_tensor(seed: int, name: str, shape: tuple[int, ...], kind: str) -> np.n
     if kind == "zero":
         return np.zeros(shape, dtype=np.float32)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+    data = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+    if kind == "embd":
+        # The output head is tied to these rows: damped control-token rows (end of turn, image pads)
+        # make a random answer rarely end on token one, so smoke answers have a predictable length.
+        _, types, _ = build_vocab()
+        data[np.asarray(types) == int(TokenType.CONTROL)] *= np.float32(CONTROL_ROW_SCALE)
+    return data
 
 
 def encode(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
