@@ -11,6 +11,7 @@ import functools
 from importlib import resources
 
 from litestar import Response, get
+from litestar.params import FromPath
 
 from .errors import NotFound
 
@@ -48,7 +49,7 @@ async def console_page() -> Response[bytes]:
 
 
 @get("/console/static/{name:str}")
-async def console_asset(name: str) -> Response[bytes]:
+async def console_asset(name: FromPath[str]) -> Response[bytes]:
     """One of the console's own files, by exact name (one path segment, from the allow-list)."""
     asset = _assets().get(name)
     if asset is None:
