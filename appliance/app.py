@@ -17,15 +17,17 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from . import health, images, openapi, webconsole
-from .errors import BadRequest, ClientError, ServiceUnavailable, UnsupportedMediaType
+from .errors import BadRequest, ClientClosedRequest, ClientError, ServiceUnavailable, UnsupportedMediaType
 from .gate import ASGIApp, Gate, error_body
 from .gpu import GpuMonitor
-from .inference import Completion, ModelInfo
+from .identity import ROUTES
+from .inference import Completion, ModelInfo, SamplingParams
+from .limits import TokenBudgets
 from .metrics import CONTENT_TYPE, Metrics
-from .policy import Policy
+from .policy import Client, Policy
 from .protocol import ChatJob, IntakeRules, parse_api_chat, parse_openai_chat
 from .respcache import ResponseCache, deterministic, request_key
-from .scheduler import Job, Scheduler
+from .scheduler import Job, Prepared, Scheduler
 from .trail import Trail
 
 log = logging.getLogger("appliance.app")
@@ -44,6 +46,7 @@ class Runtime:
     policy_loaded_at: float = field(default_factory=time.time)
     draining: bool = False
     cache: ResponseCache = field(default_factory=lambda: ResponseCache(0, 1))
+    budgets: TokenBudgets = field(default_factory=TokenBudgets)  # per client; survives reloads
 
     def __post_init__(self) -> None:
         self._configure_cache(self.policy)
@@ -68,9 +71,10 @@ class Runtime:
         lim, mdl = policy.limits, policy.model
         return IntakeRules(
             model_name=self.model.name, max_tokens=lim.max_tokens, max_images=lim.max_images,
-            images_allowed=self.model.supports_images,
+            images_allowed=self.model.supports_images, n_ctx=self.model.n_ctx,
+            max_token_bytes=self.model.max_token_bytes,
             image_limits=images.ImageLimits(lim.max_image_bytes, lim.max_image_pixels,
-                                            mdl.data_dir))
+                                            mdl.data_dir, self.model.image_max_pixels))
 
 
 def _rt(request: Request[Any, Any, Any]) -> Runtime:
@@ -193,6 +197,8 @@ async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, 
     rt = _rt(request)
     if rt.draining:
         raise ServiceUnavailable("the appliance is shutting down", retry_after=5)
+    client = _client(request)
+    rt.budgets.check(client)  # a spent token budget costs no parsing or tokenizing
     body = await _body(request)
     parse = parse_api_chat if api else parse_openai_chat
     started = time.monotonic()
@@ -209,11 +215,49 @@ async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, 
         state["audit"]["cache"] = "hit" if hit is not None else "miss"
         if hit is not None:
             return rt, job_in, Job.answered(job_in.messages, job_in.params, hit, tag)
-    job = rt.scheduler.submit(job_in.messages, job_in.params, tag, _client_name(request),
-                              stream=job_in.stream)
+    job = await _queue(request, rt, job_in, client)
     if entry is not None:
         job.on_result(lambda c: rt.cache.put(*entry, c))
     return rt, job_in, job
+
+
+async def _queue(request: Request[Any, Any, Any], rt: Runtime, job_in: ChatJob, client: Client | None
+                 ) -> Job:
+    """Tokenize beside the engine thread, charge the client's token budget, then queue the job."""
+    prepared = await _prepare(rt.scheduler, job_in.messages, job_in.params)
+    max_tokens = job_in.params.max_tokens
+    try:
+        rt.budgets.charge(client, prepared.n_tokens, max_tokens)
+    except BaseException:
+        prepared.close()
+        raise
+    try:
+        job = rt.scheduler.submit(job_in.messages, job_in.params, request.scope["state"]["request_id"],
+                                  _client_name(request), stream=job_in.stream, prepared=prepared)
+    except BaseException:
+        prepared.close()
+        rt.budgets.refund(client, prepared.n_tokens + max_tokens)
+        raise
+    n_prompt = prepared.n_tokens
+    job.on_result(lambda c: rt.budgets.refund(
+        client, (0 if job.admitted else n_prompt) + max_tokens - c.usage.completion_tokens))
+    return job
+
+
+async def _prepare(scheduler: Scheduler, messages: tuple[Any, ...], params: SamplingParams) -> Prepared:
+    """scheduler.prepare in a worker thread; a caller cancelled meanwhile still frees what it made."""
+    future = asyncio.get_running_loop().run_in_executor(None, scheduler.prepare, messages, params)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: f.result().close()
+                                 if not f.cancelled() and f.exception() is None else None)
+        raise
+
+
+def _client(request: Request[Any, Any, Any]) -> Client | None:
+    caller = request.scope["state"].get("caller")
+    return caller.client if caller is not None else None
 
 
 def _cache_entry(request: Request[Any, Any, Any], rt: Runtime, job_in: ChatJob) -> tuple[str, str] | None:
@@ -233,20 +277,42 @@ def _client_name(request: Request[Any, Any, Any]) -> str:
     return caller.client.name if caller is not None and caller.client is not None else ""
 
 
-async def _await_watching(request: Request[Any, Any, Any], job: Job) -> Completion:
-    """Wait for the completion, cancelling the generation if the client goes away meanwhile."""
+@contextlib.asynccontextmanager
+async def _watching(request: Request[Any, Any, Any], job: Job) -> AsyncIterator[asyncio.Event]:
+    """While the block runs, a client that disconnects cancels its job: one still queued never runs,
+    one in prefill stops at the next step. The event tells whether that happened."""
+    gone = asyncio.Event()
+
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone.set()
         job.cancel()
 
     watcher = asyncio.create_task(watch())
     try:
-        c = await job.result()
+        yield gone
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+def _gone(request: Request[Any, Any, Any], job: Job, c: Completion) -> ClientClosedRequest:
+    """Audit and count a request whose client left before its answer (status 499)."""
+    stage = "running" if job.admitted else "queued"
+    _account(request.scope, job, c)
+    request.scope["state"]["audit"]["cancelled_while"] = stage
+    _rt(request).metrics.cancelled.labels(stage).inc()
+    return ClientClosedRequest(f"the client closed the connection while its request was {stage}")
+
+
+async def _await_watching(request: Request[Any, Any, Any], job: Job) -> Completion:
+    """Wait for the completion, cancelling the generation if the client goes away meanwhile."""
+    async with _watching(request, job) as gone:
+        c = await job.result()
+    if gone.is_set():
+        raise _gone(request, job, c)
     _account(request.scope, job, c)
     return c
 
@@ -270,7 +336,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     rt, job_in, job = await _intake(request, api=False)
     rid = f"chatcmpl-{request.scope['state']['request_id']}"
     if job_in.stream:
-        return await _sse(rt, job, rid, request.scope)
+        return await _sse(rt, job, rid, request)
     c = await _await_watching(request, job)
     return _json({
         "id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -280,10 +346,15 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
         "usage": _usage(c)})
 
 
-async def _sse(rt: Runtime, job: Job, rid: str, scope: Any) -> Stream:
-    """Start the stream only once the first piece (or an early error) is known, so errors stay JSON."""
+async def _sse(rt: Runtime, job: Job, rid: str, request: Request[Any, Any, Any]) -> Stream:
+    """Start the stream only once the first piece (or an early error) is known, so errors stay JSON;
+    a client that leaves before it (queued, or in prefill) cancels the job."""
+    scope: Any = request.scope
     pieces = job.pieces()
-    first = await anext(pieces, None)
+    async with _watching(request, job) as gone:
+        first = await anext(pieces, None)
+    if gone.is_set():
+        raise _gone(request, job, await job.result())
     if first is None:
         await job.result()  # raises the engine's refusal, if any, as a normal JSON error
 
@@ -297,13 +368,20 @@ async def _sse(rt: Runtime, job: Job, rid: str, scope: Any) -> Stream:
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            if first is not None:
-                yield chunk({"content": first}, None)
-                async for piece in pieces:
-                    yield chunk({"content": piece}, None)
-            c = await job.result()
-            _account(scope, job, c)
+            try:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                if first is not None:
+                    yield chunk({"content": first}, None)
+                    async for piece in pieces:
+                        yield chunk({"content": piece}, None)
+                c = await job.result()
+                _account(scope, job, c)
+            except Exception as exc:  # a failure mid-stream ends in an error event, never in uvicorn
+                yield await _stream_failed(rt, scope, exc)
+                return
+            if not await rt.trail.complete(scope):  # the record comes before the end: none, no [DONE]
+                yield _sse_error(_STREAM_AUDIT_DOWN)
+                return
             yield chunk({}, c.finish_reason, c)
             yield b"data: [DONE]\n\n"
         finally:
@@ -311,6 +389,28 @@ async def _sse(rt: Runtime, job: Job, rid: str, scope: Any) -> Stream:
 
     return Stream(events(), media_type="text/event-stream", status_code=200,
                   headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+_STREAM_AUDIT_DOWN = ServiceUnavailable("the audit trail cannot be written, so this answer is incomplete "
+                                        "and must not be used", retry_after=5)
+
+
+def _sse_error(exc: ClientError) -> bytes:
+    """The stream's last event when it cannot end well: the one JSON error shape, and no [DONE]."""
+    return b"data: " + error_body(exc) + b"\n\n"
+
+
+async def _stream_failed(rt: Runtime, scope: Any, exc: Exception) -> bytes:
+    """Record and describe a generation that failed after the stream began (headers already sent)."""
+    if isinstance(exc, ClientError):
+        await rt.trail.complete(scope, reason=f"{exc.type}: {exc.message}")
+        return _sse_error(exc)
+    rid = scope["state"].get("request_id", "-")
+    log.error("request %s failed mid-stream: %s", rid, type(exc).__name__, exc_info=exc)
+    await rt.trail.complete(scope, reason=f"internal_error: {type(exc).__name__}")
+    payload = {"error": {"type": "internal_error",
+                         "message": f"internal error; quote request id {rid} to the admin"}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 @post("/api/v1/chat", status_code=200)
@@ -359,11 +459,28 @@ def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return Response(json.dumps(payload).encode(), status_code=500, media_type="application/json")
 
 
+ROUTE_HANDLERS = [healthz, readyz, health_report, metrics, models, chat_completions, api_chat,
+                  openapi_document, *webconsole.ROUTES]
+
+
+def registered_routes(app: Litestar) -> set[tuple[str, str]]:
+    """(method, path) of every handler Litestar can dispatch, less the OPTIONS it adds by itself."""
+    return {(method, route.path_format) for route in app.routes
+            for method in getattr(route, "methods", {"ANY"}) if method != "OPTIONS"}
+
+
+def _check_routes(app: Litestar) -> None:
+    """The gate authorises rows of identity.ROUTES only: a handler outside the table must not start."""
+    table = {(r.method, r.path) for r in ROUTES}
+    if registered_routes(app) != table:
+        raise RuntimeError(f"HTTP routes {sorted(registered_routes(app) ^ table)} are not exactly "
+                           "identity.ROUTES; declare each route there with its scope")
+
+
 def build_app(runtime: Runtime) -> Gate:
     """The Litestar app wrapped in the gate; nothing is reachable around it."""
     app = Litestar(
-        route_handlers=[healthz, readyz, health_report, metrics, models, chat_completions, api_chat,
-                        openapi_document, *webconsole.ROUTES],
+        route_handlers=ROUTE_HANDLERS,
         exception_handlers={ClientError: _client_error, HTTPException: _http_error,
                             Exception: _crash},
         request_max_body_size=runtime.policy.limits.max_body_bytes,
@@ -371,5 +488,6 @@ def build_app(runtime: Runtime) -> Gate:
         debug=False,
         logging_config=None,
     )
+    _check_routes(app)
     app.state.runtime = runtime
     return Gate(cast(ASGIApp, app), lambda: runtime.policy, runtime.trail)

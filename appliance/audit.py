@@ -1,8 +1,10 @@
-"""The audit trail: content-free JSON Lines, hash-chained across rotated files, fsynced, fail-closed.
+"""The audit trail: content-free JSON Lines, MAC-chained across rotated files, fsynced, fail-closed.
 
-Each line carries `prev`, the SHA-256 of the line before it (across files), so edits, deletions, reordering
-and missing files are detectable; a `seal` record closes each file at rotation and shutdown, so dropped final
-lines are detectable too. Strings that could hold customer data are stored only as HMAC-SHA256 digests.
+Each line ends with `mac`, an HMAC-SHA256 over the line under a chain key derived from the audit key,
+and carries `prev`, the MAC of the line before it (across files): edits, deletions, reordering and missing
+files are detectable, and rewriting the chain needs the key. A `seal` closes each file at rotation and
+shutdown; each start writes an `audit.start` naming the record it continues from. Strings that could hold
+customer data are stored only as HMAC-SHA256 digests (under the audit key itself, not the chain key).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ FIELD_ORDER = ("ts", "seq", "event", "request_id", "client", "cert_sha256", "sou
                "route", "status", "reason", "model_sha256", "prompt_tokens", "completion_tokens",
                "images", "prompt_hmac", "image_hmac", "duration_ms", "queue_ms")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAC_SUFFIX = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
+CHAIN_LABEL = b"qwen-appliance audit chain v1"
 
 
 class AuditUnavailable(SetupError):
@@ -55,8 +59,33 @@ class AuditConfig:
 
 
 def line_hash(line: bytes) -> str:
-    """The chain link: SHA-256 of a record line without its newline."""
+    """The legacy (unkeyed) chain link: SHA-256 of a record line without its newline."""
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
+def chain_key(audit_key: bytes) -> bytes:
+    """The chain MAC key: HMAC(audit key, label), so chain MACs and content digests use separate keys."""
+    return hmac.new(audit_key, CHAIN_LABEL, hashlib.sha256).digest()
+
+
+def seal_line(key: bytes, body: bytes) -> tuple[bytes, str]:
+    """Append `"mac"` (HMAC-SHA256 of the JSON object `body` under the chain key) as its last field."""
+    mac = hmac.new(key, body, hashlib.sha256).hexdigest()
+    return body[:-1] + b',"mac":"' + mac.encode() + b'"}', mac
+
+
+def split_mac(line: bytes) -> tuple[bytes, str] | None:
+    """(the body the MAC covers, the MAC) of a keyed line; None for a legacy or malformed one."""
+    m = MAC_SUFFIX.search(line.rstrip(b"\n"))
+    if m is None:
+        return None
+    return line[:m.start()] + b"}", m.group(1).decode()
+
+
+def link_of(line: bytes) -> str:
+    """What the next record's `prev` holds: the line's MAC, or its SHA-256 for a legacy line."""
+    parts = split_mac(line)
+    return parts[1] if parts is not None else line_hash(line)
 
 
 def clean(value: Any) -> Any:
@@ -116,6 +145,7 @@ class AuditLog:
     def __init__(self, cfg: AuditConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
+        self._key = chain_key(load_hmac_key(cfg.hmac_key_file))
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._path: Path | None = None
@@ -124,6 +154,7 @@ class AuditLog:
         self._prev = GENESIS
         self._last_fsync = 0.0
         self._file_records = 0
+        self._pending: tuple[str, dict[str, Any]] | None = None  # a new file's first record, still owed
         self.failing: str | None = None
         self.write_seconds = 0.0
         self.failures = 0
@@ -132,27 +163,35 @@ class AuditLog:
     # --- opening ------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the directory (0700), repair a torn tail, and continue the chain from the last file."""
+        """Create the directory (0700), repair a torn tail, continue the chain, and record the start."""
         d = self.cfg.dir
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(d, 0o700)
-        files = list_files(d)
+        files, removed = _drop_empty_tail(list_files(d))
         repaired = 0
         if files:
             repaired = _repair_tail(files[-1])
             self._resume(files[-1])
-        # An unsealed last file is reopened (the first write seals and rotates it if it is due).
-        self._open_file(files[-1] if files and not _sealed(files[-1]) else None)
+        last = files[-1] if files else None
+        sealed = last is not None and _sealed(last)
+        # An unsealed last file (a crash) is continued; after a seal, a new file begins.
+        self._open_file(last if last is not None and not sealed else None)
+        if removed:
+            log.warning("audit: removed empty newest file(s) %s", ", ".join(removed))
+        log.info("audit trail continues after seq %d of %s", self._seq, last.name if last else "-")
+        self.write("audit.start", previous_file=last.name if last else None,
+                   previous_seq=self._seq if last else None, previous_mac=self._prev if last else None,
+                   previous_sealed=sealed if last else None, removed_empty_files=removed or None)
         if repaired:
             self.write("audit.repair", reason=f"truncated a torn last line of {repaired} bytes",
-                       file=files[-1].name, bytes_removed=repaired)
+                       file=last.name if last else None, bytes_removed=repaired)
 
     def _resume(self, last: Path) -> None:
         lines = last.read_bytes().splitlines()
         if lines:
             rec = json.loads(lines[-1])
             self._seq = int(rec["seq"])
-            self._prev = line_hash(lines[-1])
+            self._prev = link_of(lines[-1])
 
     def _today(self) -> str:
         return dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).strftime("%Y%m%d")
@@ -161,10 +200,10 @@ class AuditLog:
         if existing is None:
             stamp = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             existing = self.cfg.dir / f"audit-{self._seq + 1:012d}-{stamp}.jsonl"
-        self._fd = os.open(existing, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(self._fd, 0o600)
-        self._path = existing
-        self._size = os.fstat(self._fd).st_size
+        fd = os.open(existing, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fd, self._path, self._size, self._file_records = fd, existing, 0, 0
+        os.fchmod(fd, 0o600)
+        self._size = os.fstat(fd).st_size
         self._file_records = sum(1 for _ in existing.open("rb")) if self._size else 0
 
     # --- writing ------------------------------------------------------------------------------
@@ -196,13 +235,15 @@ class AuditLog:
         record.update({k: extra.pop(k) for k in FIELD_ORDER if k in extra})
         record.update(sorted(extra.items()))
         record["prev"] = self._prev
-        line = json.dumps(clean(record), separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
-        self._write_all(line)
+        record = clean(record)
+        body = json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode()
+        line, record["mac"] = seal_line(self._key, body)
+        self._write_all(line + b"\n")
         self._seq += 1
-        self._prev = line_hash(line)
+        self._prev = record["mac"]
         self._file_records += 1
         if self.forwarder is not None:
-            self.forwarder.send(record, line)
+            self.forwarder.send(record, line + b"\n")
         return record
 
     def _write_all(self, line: bytes) -> None:
@@ -233,18 +274,27 @@ class AuditLog:
     # --- rotation, retention, shutdown --------------------------------------------------------
 
     def _rotate_if_due(self) -> None:
-        assert self._path is not None
+        """Seal and begin a new file at the size or day limit; a rotation cut short is finished first."""
+        self._write_owed()
+        assert self._path is not None and self._fd is not None
         if self._size < self.cfg.rotate_bytes and _file_day(self._path) == self._today():
             return
-        self._seal("rotation")
+        reason = "size" if self._size >= self.cfg.rotate_bytes else "day"
         old = self._path
-        os.close(self._fd)  # type: ignore[arg-type]
-        self._open_file(None)
-        self._append("audit.rotate", {"reason": "size" if self._size_exceeded(old) else "day",
-                                      "previous_file": old.name})
+        self._seal("rotation")
+        os.close(self._fd)
+        self._fd = None  # never write to a closed descriptor number (it may belong to a socket now)
+        self._pending = ("audit.rotate", {"reason": reason, "previous_file": old.name})
+        self._write_owed()
 
-    def _size_exceeded(self, path: Path) -> bool:
-        return path.stat().st_size >= self.cfg.rotate_bytes
+    def _write_owed(self) -> None:
+        """A new file's first record that a full disk stopped: opened and written before anything else."""
+        if self._pending is None:
+            return
+        if self._fd is None:
+            self._open_file(None)
+        self._append(*self._pending)
+        self._pending = None
 
     def _seal(self, why: str) -> None:
         self._append("audit.seal", {"reason": why, "file_records": self._file_records + 1})
@@ -254,14 +304,18 @@ class AuditLog:
     def close(self) -> None:
         """Seal the current file so that dropping its final lines later is detectable."""
         with self._lock:
-            if self._fd is None:
+            if self._fd is None and self._pending is None:
                 return
             try:
+                self._write_owed()
                 self._seal("shutdown")
+                log.info("audit trail sealed at seq %d in %s (a known point for `audit verify "
+                         "--expect-through %d`)", self._seq, self._path, self._seq)
             except OSError as exc:
                 log.error("audit: could not write the shutdown seal (%s)", exc.strerror)
-            os.close(self._fd)
-            self._fd = None
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._pending = None, None
 
     def purge(self) -> list[str]:
         """Delete files past retention (never the current one), recording each deletion first."""
@@ -273,7 +327,7 @@ class AuditLog:
             lines = path.read_bytes().splitlines()
             last = json.loads(lines[-1]) if lines else {}
             self.write("audit.retention_delete", file=path.name,
-                       last_seq=last.get("seq"), last_hash=line_hash(lines[-1]) if lines else None,
+                       last_seq=last.get("seq"), last_hash=link_of(lines[-1]) if lines else None,
                        reason=f"older than {self.cfg.retention_days} days")
             path.unlink()
             deleted.append(path.name)
@@ -338,6 +392,15 @@ def list_files(directory: Path) -> list[Path]:
 def _sealed(path: Path) -> bool:
     lines = path.read_bytes().splitlines()
     return bool(lines) and json.loads(lines[-1]).get("event") == "audit.seal"
+
+
+def _drop_empty_tail(files: list[Path]) -> tuple[list[Path], list[str]]:
+    """Remove empty newest files (created, then never written: a disk that filled up at rotation)."""
+    removed = []
+    while files and files[-1].stat().st_size == 0:
+        files[-1].unlink()
+        removed.append(files.pop().name)
+    return files, removed
 
 
 def _file_day(path: Path) -> str:

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from . import pki
+from . import pki, tokenadmin
 from .errors import SetupError
 from .policy import CLIENT_NAME
 
@@ -56,6 +56,13 @@ def register(sub: Any) -> None:
     p.add_argument("--p12", action="store_true",
                    help=f"also OUT/NAME.p12 for browsers (password printed once, or ${P12_PASSWORD_ENV})")
     p.set_defaults(handler=_client)
+
+    p = csub.add_parser("revoke", help="refuse a client certificate: add it to [server] revoked, confirmed "
+                        "in force by a running daemon")
+    p.add_argument("cert", type=Path, nargs="?", help="the certificate file (PEM or DER)")
+    p.add_argument("--sha256", metavar="HEX", help="its fingerprint instead, as `cert list` prints it")
+    p.add_argument("--policy", type=Path, required=True)
+    p.set_defaults(handler=_revoke)
 
     p = csub.add_parser("list", help="show certificates and their expiry; exit 1 if any needs action")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
@@ -203,7 +210,8 @@ def _client(args: argparse.Namespace) -> int:
     _warn_outlives(issued.cert, ca.cert)
     print(f"Issued client certificate {args.name!r}, valid until {_not_after(issued.cert)}\n"
           f"  certificate  {crt}\n  key          {key} (0600)\n  CA           {out / 'ca.crt'}\n"
-          f"  sha256       {fp}")
+          f"  sha256       {fp}\n  tbs sha256   {pki.signed_fingerprint(issued.cert)} "
+          "(the audit trail's cert_sha256)")
     if args.p12:
         _write_p12(p12, issued, ca.cert, args.name)
     print(f"Bind a token to it: qwen-appliance token create {args.name} --cert-sha256 {fp} "
@@ -222,6 +230,40 @@ def _write_p12(path: Path, issued: pki.Issued, ca_cert: x509.Certificate, name: 
         print("The password is shown only this once; send it separately from the .p12 file.")
 
 
+# --- cert revoke ------------------------------------------------------------------------------------
+
+
+def _revoked_fingerprint(args: argparse.Namespace) -> tuple[str, str]:
+    """(fingerprint, what) from exactly one of CERT or --sha256; a CA is refused (rotate client_ca)."""
+    if (args.cert is None) == (args.sha256 is None):
+        raise SetupError("pass the certificate file or --sha256 HEX (one of them)",
+                         hint="`qwen-appliance cert list DIR` prints each certificate's sha256")
+    if args.sha256 is not None:
+        digest = args.sha256.strip().lower().replace(":", "")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise SetupError(f"--sha256 {args.sha256!r}: must be 64 hex digits (a SHA-256)")
+        return digest, f"sha256 {digest}"
+    certs = _certs(args.cert, explicit=True)
+    if len(certs) != 1:
+        raise SetupError(f"{args.cert}: holds {len(certs)} certificates; pass a file with just one")
+    if _is_ca(certs[0]):
+        raise SetupError(f"{args.cert}: is a CA certificate; revoking it here has no effect",
+                         hint="to stop trusting a CA, point [server] client_ca at a new one and reload")
+    return pki.fingerprint(certs[0]), f"{_cn(certs[0].subject)!r} (sha256 {pki.fingerprint(certs[0])})"
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    """Written and confirmed the way `token revoke` is: atomically, then SIGHUP and wait for the daemon."""
+    fingerprint, what = _revoked_fingerprint(args)
+    added = tokenadmin.add_revoked(args.policy, fingerprint)
+    print(f"{'Revoked' if added else 'Already revoked:'} certificate {what} in {args.policy} "
+          "([server] revoked).", flush=True)
+    print(tokenadmin.confirm_in_force(args.policy))
+    print("A token bound to nothing else still works with another valid certificate: "
+          "`qwen-appliance token revoke NAME` as well if the key may be copied.")
+    return 0
+
+
 # --- cert list --------------------------------------------------------------------------------------
 
 
@@ -235,13 +277,15 @@ class CertInfo:
     issuer: str
     not_after: dt.datetime
     days_left: int
-    sha256: str
+    sha256: str  # of the DER as issued: for `[server] revoked` and `token create --cert-sha256`
     status: str  # OK | WARNING | EXPIRED | NOT YET VALID
+    tbs_sha256: str = ""  # of the signed part: what the trail's cert_sha256 records (also accepted)
 
     def as_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "subject": self.subject, "sans": self.sans,
                 "issuer": self.issuer, "not_after": self.not_after.isoformat(),
-                "days_left": self.days_left, "sha256": self.sha256, "status": self.status}
+                "days_left": self.days_left, "sha256": self.sha256, "tbs_sha256": self.tbs_sha256,
+                "status": self.status}
 
 
 def _cn(name: x509.Name) -> str:
@@ -265,7 +309,7 @@ def describe(path: Path, cert: x509.Certificate, now: dt.datetime | None = None)
     status = ("EXPIRED" if left.total_seconds() <= 0 else "NOT YET VALID"
               if cert.not_valid_before_utc > now else "WARNING" if left.days < WARN_DAYS else "OK")
     return CertInfo(path, _cn(cert.subject), _sans(cert), _cn(cert.issuer), cert.not_valid_after_utc,
-                    left.days, pki.fingerprint(cert), status)
+                    left.days, pki.fingerprint(cert), status, pki.signed_fingerprint(cert))
 
 
 def _files(paths: list[Path]) -> list[tuple[Path, bool]]:
@@ -303,7 +347,7 @@ def _print(info: CertInfo) -> None:
             "EXPIRED": "  EXPIRED", "NOT YET VALID": "  NOT YET VALID"}[info.status]
     print(f"{info.path}{mark}\n  subject    {info.subject}\n  SANs       {', '.join(info.sans) or '-'}\n"
           f"  issuer     {info.issuer}\n  not after  {info.not_after.date()} ({_left(info)})\n"
-          f"  sha256     {info.sha256}")
+          f"  sha256     {info.sha256}\n  tbs sha256 {info.tbs_sha256} (the audit trail's cert_sha256)")
 
 
 def _left(info: CertInfo) -> str:

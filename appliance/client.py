@@ -234,7 +234,9 @@ def image_part(path: Path, limit: int = LOCAL_IMAGE_LIMIT) -> dict[str, Any]:
 # --- refusals ------------------------------------------------------------------------------------
 
 _HINTS = {
-    401: "run `qwen-appliance client setup` again with the token the admin issued, or ask for a new one",
+    401: "the token is unknown, disabled or expired (the appliance answers these alike; its audit trail "
+         "says which): run `qwen-appliance client setup` again with the token the admin issued, or ask "
+         "the admin for a new one",
     403: "ask the appliance admin to check this client's scopes, address range and certificate",
     413: "send a smaller image: crop it or export it at a lower resolution",
     415: "send PNG, JPEG or WebP images",

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -706,6 +707,9 @@ class Engine:
         self._clock = 0
         n_rows = max(self._n_batch, info.parallel)
         self._batch: llama_cpp.llama_batch | None = llama_cpp.llama_batch_init(n_rows, 0, 1)
+        self._prepare_lock = threading.Condition()
+        self._preparing = 0  # prepare() calls in flight on other threads: close() waits for them
+        self._closing = False
 
     @property
     def parallel(self) -> int:
@@ -761,6 +765,8 @@ class Engine:
                 system_info=_system_info(),
                 description=meta("general.description") or "",
                 parallel=int(llama_cpp.llama_n_seq_max(ctx)),
+                max_token_bytes=_longest_token_bytes(model),
+                image_max_pixels=_image_max_pixels(config, model, mctx),
             )
         except BaseException:
             if mctx is not None:
@@ -773,25 +779,72 @@ class Engine:
 
     # admit --------------------------------------------------------------------------------------
 
-    def admit(self, messages: Sequence[Message], params: SamplingParams,
-              cancelled: Callable[[], bool], on_piece: Callable[[str], None],
-              owner: str = "") -> _Sequence:
-        """Tokenize a request and place it in the free slot holding the longest reusable prefix.
+    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> _Prompt:
+        """Render and tokenize a request before it may take a slot; callable from any thread.
 
-        Raises BadRequest for what the client must change; the request then holds no slot.
+        It reads only the template, the vocabulary and the projector (as llama-server's HTTP threads do),
+        so a long prompt is tokenized beside the engine thread instead of stalling every stream. A prompt
+        whose text alone cannot fit is refused before any tokenizing. The caller owns the result.
         """
-        if self._ctx is None:
-            raise RuntimeError("the engine is closed")
+        with self._prepare_lock:
+            if self._ctx is None or self._closing:
+                raise RuntimeError("the engine is closed")
+            self._preparing += 1
+        try:
+            return self._prepare(messages, params)
+        finally:
+            with self._prepare_lock:
+                self._preparing -= 1
+                self._prepare_lock.notify_all()
+
+    def _prepare(self, messages: Sequence[Message], params: SamplingParams) -> _Prompt:
         if self._mctx is None and any(m.images for m in messages):
             raise BadRequest("this model has no vision projector (mmproj); send text only")
-        free = [s for s in self._slots if not s.busy]
-        if not free:
-            raise RuntimeError("no free slot: admit at most `parallel` requests at once")
-        prompt = self._prompt(self._template.segments(messages))
+        segments = self._template.segments(messages)
+        self._check_text_bound(segments, params.max_tokens)
+        prompt = self._prompt(segments)
         try:
             if prompt.n_tokens == 0:
                 raise BadRequest("the prompt is empty")
             self._check_room(prompt.n_tokens, params.max_tokens)
+        except BaseException:
+            prompt.close()
+            raise
+        return prompt
+
+    def _check_text_bound(self, segments: list[_Segment], max_tokens: int) -> None:
+        """Refuse, before tokenizing, text whose fewest possible tokens already overflow the context.
+
+        No token covers more than `max_token_bytes` bytes of text, so bytes / that is a lower bound.
+        """
+        n_bytes = sum(len(seg.text.encode("utf-8", "surrogatepass")) for seg in segments)
+        at_least = -(-n_bytes // self.info.max_token_bytes) if self.info.max_token_bytes else 0
+        room = self._n_ctx - max_tokens
+        if at_least > room:
+            raise BadRequest(
+                f"prompt is at least {at_least} tokens ({n_bytes} bytes of text); the context holds "
+                f"{max(room, 0)} ({self._n_ctx} minus max_tokens {max_tokens})")
+
+    def admit(self, messages: Sequence[Message], params: SamplingParams,
+              cancelled: Callable[[], bool], on_piece: Callable[[str], None],
+              owner: str = "", prepared: _Prompt | None = None) -> _Sequence:
+        """Place a request in the free slot holding the longest reusable prefix.
+
+        `prepared` is what `prepare` returned for these messages (the engine takes it over); without it
+        the request is tokenized here. Raises BadRequest for what the client must change; the request
+        then holds no slot.
+        """
+        if self._ctx is None:
+            if prepared is not None:
+                prepared.close()
+            raise RuntimeError("the engine is closed")
+        free = [s for s in self._slots if not s.busy]
+        if not free:
+            if prepared is not None:
+                prepared.close()
+            raise RuntimeError("no free slot: admit at most `parallel` requests at once")
+        prompt = prepared if prepared is not None else self._prepare(messages, params)
+        try:
             keys = [_key(i) for i in prompt.items]
             slot = max(free, key=lambda s: (self._reusable(s, keys, owner, prompt), -s.last_used))
             keep = self._trim(slot, self._reusable(slot, keys, owner, prompt))
@@ -994,7 +1047,13 @@ class Engine:
     # close --------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free requests still admitted, the projector, the batch, context and model; idempotent."""
+        """Free requests still admitted, the projector, the batch, context and model; idempotent.
+
+        Waits (up to a minute) for prepare() calls on other threads, which read the vocabulary.
+        """
+        with self._prepare_lock:
+            self._closing = True
+            self._prepare_lock.wait_for(lambda: self._preparing == 0, timeout=60)
         for seq in list(self._active):
             self._fail(seq, RuntimeError("the engine was closed"))
         self._finished.clear()
@@ -1139,6 +1198,37 @@ def _open_template(config: EngineConfig, model: llama_cpp.llama_model_p) -> _Cha
             hint="fix or replace the template; it must render OpenAI-style messages",
         ) from None
     return template
+
+
+def _longest_token_bytes(model: llama_cpp.llama_model_p) -> int:
+    """Bytes of the vocabulary's longest token text (control tokens included), read once at load."""
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    buf = ctypes.create_string_buffer(1024)
+    longest = 1
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        longest = max(longest, abs(n))  # negative: the piece needs -n bytes
+    return longest
+
+
+_PROBE_SIDE = 448  # a multiple of every Qwen-VL patch x merge size (28, 32): not resized by libmtmd
+
+
+def _image_max_pixels(config: EngineConfig, model: llama_cpp.llama_model_p,
+                      mctx: mtmd_cpp.mtmd_context_p | None) -> int:
+    """Pixels that make image_max_tokens tokens in this projector (measured on a probe image), so
+    intake can scale an image down to that before it ever reaches the encoder; 0 when unbounded."""
+    if mctx is None or config.image_max_tokens <= 0:
+        return 0
+    side = _PROBE_SIDE
+    probe = RGBImage(side, side, bytes(side * side * 3), 0, "PNG")
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    prompt = _MtmdPrompt(vocab, mctx, [_Segment("image", image=probe), _Segment("template", "u")])
+    try:
+        per_token = side * side / max(prompt.n_image_tokens, 1)
+    finally:
+        prompt.close()
+    return int(per_token * config.image_max_tokens)
 
 
 def _token_text(vocab: llama_cpp.llama_vocab_p, which: Literal["bos", "eos"]) -> str:

@@ -60,6 +60,7 @@ class ClientError(ApplianceError):
 
     status = 400
     type = "invalid_request_error"
+    detail: str | None = None  # for the audit record and the server log only, never sent to the client
 
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -86,8 +87,26 @@ class NotFound(ClientError):
     type = "not_found_error"
 
 
+class MethodNotAllowed(ClientError):
+    """405; RFC 9110 wants the route's methods named in `Allow`."""
+
+    status = 405
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
 class PayloadTooLarge(ClientError):
     status = 413
+    type = "request_too_large"
+
+
+class HeaderFieldsTooLarge(ClientError):
+    """431: the request line and headers together are over the server's limit."""
+
+    status = 431
     type = "request_too_large"
 
 
@@ -104,6 +123,13 @@ class Unprocessable(ClientError):
 class TooManyRequests(ClientError):
     status = 429
     type = "rate_limit_error"
+
+
+class ClientClosedRequest(ClientError):
+    """499 (nginx's code): the client left before its answer; audited, never seen by anyone."""
+
+    status = 499
+    type = "client_closed_request"
 
 
 class ServiceUnavailable(ClientError):

@@ -7,18 +7,21 @@ request without a valid identity never reaches routing.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .audit import AuditUnavailable
-from .errors import ClientError, PayloadTooLarge, ServiceUnavailable, Unauthorized
-from .identity import authorize, identify, is_console, is_public, network_gate
+from .errors import ClientError, MethodNotAllowed, PayloadTooLarge, ServiceUnavailable, Unauthorized
+from .identity import Caller, TokenRefused, authorize, identify, is_console, network_gate, presented, resolve
 from .limits import ClientLimits
 from .policy import Policy
+from .refusals import RefusalAudit
 from .trail import Trail
 
+log = logging.getLogger("appliance.gate")
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -74,6 +77,7 @@ class Gate:
         self.policy = policy
         self.trail = trail
         self.limits = ClientLimits()
+        self.refusals = RefusalAudit(trail, lambda: self.policy().server.refusal_records_per_second)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,24 +91,26 @@ class Gate:
         try:
             release = self._admit(scope, policy)
         except ClientError as exc:
-            state["audit_reason"] = f"{exc.type}: {exc.message}"
+            detail = f" ({exc.detail})" if exc.detail else ""  # the admin's reason, never sent
+            state["audit_reason"] = f"{exc.type}: {exc.message}{detail}"
             self._count(scope, exc.status)
             await self._refuse_audited(scope, send, exc)
             return
         try:
             await self.app(scope, receive, self._audited(scope, send))
         finally:
-            release()
-            if state.get("stream_open"):
-                state["audit_reason"] = "stream ended early (client disconnected or error)"
-                await self.trail.write("request.complete", **self.trail.request_fields(scope, 200))
+            release()  # and a stream that ended early is recorded; complete() never raises into uvicorn
+            await self.trail.complete(scope, reason="stream ended early (client disconnected or error)")
 
     async def _refuse_audited(self, scope: Scope, send: Send, exc: ClientError) -> None:
-        """Every refusal is recorded too; if even that fails, the answer is 503."""
-        try:
-            await self.trail.write("request", **self.trail.request_fields(scope, exc.status))
-        except AuditUnavailable:
-            exc = _AUDIT_DOWN
+        """Every refusal is recorded (beyond the per-source budget: counted and summarised); if the
+        record cannot be written, the answer is 503."""
+        fields = self.trail.request_fields(scope, exc.status)
+        if self.refusals.admit(str(fields.get("source_ip"))):
+            try:
+                await self.trail.write("request", **fields)
+            except AuditUnavailable:
+                exc = _AUDIT_DOWN
         await self._refuse(send, exc)
 
     def _count(self, scope: Scope, status: int) -> None:
@@ -128,28 +134,36 @@ class Gate:
                 try:
                     await self.trail.write("request", streaming=streaming or None, **fields)
                 except AuditUnavailable:
-                    swallow = True
+                    swallow, scope["state"]["stream_open"] = True, False  # refused: no stream to complete
                     await self._refuse(send, _AUDIT_DOWN)
                     return
             elif message["type"] == "http.response.body":
                 if swallow:
                     return
-                if streaming and not message.get("more_body", False):
-                    scope["state"]["stream_open"] = False
-                    await self.trail.write("request.complete",
-                                           **self.trail.request_fields(scope, 200))
+                if streaming and not message.get("more_body", False) and not await self.trail.complete(scope):
+                    message = {"type": "http.response.body", "more_body": False,  # no record: no clean end
+                               "body": b"data: " + error_body(_AUDIT_DOWN) + b"\n\n"}
             await send(message)
 
         return wrapped
 
     def _admit(self, scope: Scope, policy: Policy) -> Callable[[], None]:
-        caller = network_gate(dict(scope), policy)
-        scope["state"]["caller"] = caller
-        if is_public(dict(scope)):
+        """Network gate, one canonical path, token, the client's rules and the route's scope, in order."""
+        state = scope["state"]
+        state["caller"] = presented(dict(scope), policy)  # a refusal audits the address judged
+        caller = state["caller"] = network_gate(dict(scope), policy)
+        route = resolve(dict(scope))  # 400 for any other spelling, before a token is read
+        if route is not None and route.scope is None:
             return _noop
-        caller = identify(dict(scope), policy, caller)
-        scope["state"]["caller"] = caller  # known from here on: audited even if refused below
-        authorize(dict(scope), caller)
+        try:
+            caller = identify(dict(scope), policy, caller)
+        except TokenRefused as exc:
+            if exc.client is not None:  # disabled or expired: the admin's record names the client
+                state["caller"] = Caller(ip=caller.ip, cert=caller.cert, client=exc.client)
+                log.warning("request %s refused: %s", state["request_id"], exc.detail)
+            raise
+        state["caller"] = caller  # known from here on: audited even if refused below
+        authorize(dict(scope), caller, route)
         _check_length(scope, policy)
         assert caller.client is not None
         return self.limits.acquire(caller.client)
@@ -180,6 +194,8 @@ class Gate:
                    (b"content-length", str(len(body)).encode())]
         if isinstance(exc, Unauthorized):
             headers.append((b"www-authenticate", b'Bearer realm="qwen-appliance"'))
+        if isinstance(exc, MethodNotAllowed):
+            headers.append((b"allow", ", ".join(exc.allow).encode()))
         if exc.retry_after is not None:
             headers.append((b"retry-after", str(exc.retry_after).encode()))
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 import os
 import re
 import stat
@@ -43,6 +44,7 @@ class ImageLimits:
     max_image_bytes: int
     max_image_pixels: int
     data_dir: Path | None
+    max_output_pixels: int = 0  # image_max_tokens in pixels: larger images are scaled down (0: never)
 
 
 def from_image_url(url: str, limits: ImageLimits) -> RGBImage:
@@ -89,35 +91,51 @@ def _b64(text: str, limits: ImageLimits) -> bytes:
                          "no whitespace)") from None
 
 
+REFUSED_PATH = "image path must name a readable regular file inside the data directory"
+_MAX_PATH = 1024  # characters; longer is refused like any other path, before the file system is asked
+
+
 def read_confined(value: str, limits: ImageLimits) -> bytes:
-    """Read a file that must lie inside data_dir after resolving `..` and symlinks."""
+    """Read a regular file inside data_dir. Every refused path (outside, `..`, a link out, missing, a
+    directory, unreadable, a FIFO or device, too long) gets one answer, so none tells what exists."""
     root = limits.data_dir
     if root is None:
         raise BadRequest("image paths are not enabled on this appliance ([model] data_dir is "
                          "unset); send the image as base64")
-    if not value or "\x00" in value or "\\" in value or ".." in PurePosixPath(value).parts \
-            or ".." in PureWindowsPath(value).parts:
-        raise BadRequest("image path must name a file inside the data directory")
-    root = root.resolve()
-    candidate = Path(value) if value.startswith("/") else root / value
+    real_root = root.resolve()
+    rel = _lexically_inside(value, root, real_root)
     try:
-        resolved = candidate.resolve(strict=True)
+        resolved = (real_root / rel).resolve(strict=True)  # links inside data_dir may point inside it
     except (OSError, RuntimeError):
-        raise BadRequest("image path was not found in the data directory") from None
-    if not resolved.is_relative_to(root):
-        raise BadRequest("image path must name a file inside the data directory")
-    return _read_bounded(resolved, limits.max_image_bytes)
+        raise BadRequest(REFUSED_PATH) from None
+    if not resolved.is_relative_to(real_root) or resolved == real_root:
+        raise BadRequest(REFUSED_PATH)
+    return _read_bounded(real_root, resolved.relative_to(real_root), limits.max_image_bytes)
 
 
-def _read_bounded(path: Path, max_bytes: int) -> bytes:
+def _lexically_inside(value: str, root: Path, real_root: Path) -> PurePosixPath:
+    """The path relative to data_dir, judged from the text alone: nothing outside it is ever looked up."""
+    if not value or len(value) > _MAX_PATH or "\x00" in value or "\\" in value \
+            or ".." in PurePosixPath(value).parts or ".." in PureWindowsPath(value).parts:
+        raise BadRequest(REFUSED_PATH)
+    path = PurePosixPath(value)
+    if not path.is_absolute():
+        return path
+    for base in (PurePosixPath(root), PurePosixPath(real_root)):
+        if path.is_relative_to(base):
+            return path.relative_to(base)
+    raise BadRequest(REFUSED_PATH)
+
+
+def _read_bounded(root: Path, rel: Path, max_bytes: int) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = _open_beneath(root, rel.parts)
     except OSError:
-        raise BadRequest("image path was not found in the data directory") from None
+        raise BadRequest(REFUSED_PATH) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise BadRequest("image path must name a regular file")
+            raise BadRequest(REFUSED_PATH)
         if st.st_size > max_bytes:
             raise PayloadTooLarge(f"image is larger than {max_bytes} bytes")
         with os.fdopen(os.dup(fd), "rb") as f:
@@ -126,8 +144,26 @@ def _read_bounded(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+def _open_beneath(root: Path, parts: tuple[str, ...]) -> int:
+    """Open root/parts one component at a time, following no link, and only a regular file: a link
+    swapped in after the check cannot lead out, and no FIFO or device is ever opened."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        if not stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode):
+            raise IsADirectoryError(parts[-1])  # any OSError: refused like a missing file
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                       dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def decode(data: bytes, limits: ImageLimits) -> RGBImage:
-    """Decode with Pillow under the byte and pixel limits and return plain RGB pixels."""
+    """Decode with Pillow under the byte and pixel limits and return plain 8-bit RGB pixels, scaled
+    down to what the projector would keep (max_output_pixels), so the encoder's cost is bounded."""
     if len(data) > limits.max_image_bytes:
         raise PayloadTooLarge(f"image is larger than {limits.max_image_bytes} bytes")
     if not data:
@@ -136,8 +172,11 @@ def decode(data: bytes, limits: ImageLimits) -> RGBImage:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             fmt = str(img.format)
             _check_size(img.size, limits.max_image_pixels)
+            target = _fit(img.size, limits.max_output_pixels)
+            if target != img.size and fmt == "JPEG":
+                img.draft(None, target)  # JPEG decodes at 1/2, 1/4 or 1/8 scale: cheaper, never smaller
             img.load()
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            rgb = _fit_rgb(_to_8bit(ImageOps.exif_transpose(img)), limits.max_output_pixels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"image has more than {limits.max_image_pixels} pixels") from None
     except UnidentifiedImageError:
@@ -149,6 +188,30 @@ def decode(data: bytes, limits: ImageLimits) -> RGBImage:
     return RGBImage(width=rgb.width, height=rgb.height, rgb=rgb.tobytes(),
                     source_bytes=len(data), source_format=fmt,
                     source_sha256=hashlib.sha256(data).hexdigest())
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG grey levels (0..65535)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """RGB from any accepted mode; 16-bit grey is scaled to 8 bits (a plain convert clips it to white)."""
+    if img.mode in _WIDE_MODES:
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    return img.convert("RGB")
+
+
+def _fit(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """The largest size of the same aspect within max_pixels (0: no bound)."""
+    width, height = size
+    if max_pixels <= 0 or width * height <= max_pixels:
+        return size
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _fit_rgb(rgb: Image.Image, max_pixels: int) -> Image.Image:
+    target = _fit(rgb.size, max_pixels)
+    return rgb if target == rgb.size else rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def _looks_accepted(data: bytes) -> bool:

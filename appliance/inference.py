@@ -106,6 +106,8 @@ class ModelInfo:
     system_info: str
     description: str = ""  # general.description from the GGUF
     parallel: int = 1  # sequences decoded together (slots)
+    max_token_bytes: int = 0  # longest token's text: bytes / this bounds a text's tokens from below
+    image_max_pixels: int = 0  # pixels an image is scaled down to before encoding (0: no bound known)
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

@@ -12,11 +12,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .identity import PUBLIC_PATHS, ROUTE_SCOPES
+from .identity import ROUTES, routes_for
 
-KNOWN_ROUTES = frozenset(ROUTE_SCOPES) | PUBLIC_PATHS | {"/metrics", "/api/v1/health"}
+KNOWN_ROUTES = frozenset(r.path for r in ROUTES)  # the route table's paths; anything else is "other"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def route_label(path: str) -> str:
+    """The table row a path belongs to (a console file counts as its row), else "other": bounded."""
+    rows = routes_for(path)
+    return rows[0].path if rows else "other"
 
 
 class Metrics:
@@ -40,6 +46,10 @@ class Metrics:
         self.completion_tokens = Counter("qwa_completion_tokens_total", "Completion tokens",
                                          registry=r)
         self.images = Counter("qwa_images_total", "Images accepted", registry=r)
+        self.cancelled = Counter("qwa_cancelled_total",
+                                 "Requests whose client left before their first token, by stage: "
+                                 "queued (never reached the engine) or running (prefill)",
+                                 ["stage"], registry=r)
         self.prompt_cached = Counter("qwa_prompt_cached_tokens_total",
                                      "Prompt tokens whose KV was reused instead of evaluated", registry=r)
         self.response_cache = Counter("qwa_response_cache_total", "Response cache lookups by result",
@@ -56,14 +66,24 @@ class Metrics:
         self.audit_failures = Counter("qwa_audit_failures_total", "Audit records not written",
                                       registry=r)
         self.reloads = Counter("qwa_policy_reloads_total", "Policy reloads", ["outcome"], registry=r)
+        self.connections_open = Gauge("qwa_connections_open", "TCP connections held (TLS handshake "
+                                      "included)", registry=r)
+        self.connections_shed = Counter("qwa_connections_shed_total", "Connections closed below HTTP, "
+                                        "by reason (total_cap, source_cap, handshake_timeout)",
+                                        ["reason"], registry=r)
+        self.server_refusals = Counter("qwa_server_refusals_total", "Requests refused by the HTTP "
+                                       "layer before the gate (malformed, upgrade, headers, stale TLS)",
+                                       ["reason"], registry=r)
+        self.refusal_records_suppressed = Counter(
+            "qwa_refusal_records_suppressed_total", "Refusals over the per-source audit budget: "
+            "counted here and summarised in the trail instead of one record each", registry=r)
         self.cert_days = Gauge("qwa_certificate_expiry_days", "Days until a certificate expires",
                                ["certificate"], registry=r)
         self.gpu = Gauge("qwa_gpu", "GPU figures from NVML", ["index", "figure"], registry=r)
         self.gpu_available = Gauge("qwa_gpu_available", "1 when NVML reports a GPU", registry=r)
 
     def observe_response(self, route: str, status: int, client: str | None, reason: str | None) -> None:
-        self.requests.labels(route if route in KNOWN_ROUTES else "other", str(status),
-                             client or "-").inc()
+        self.requests.labels(route_label(route), str(status), client or "-").inc()
         if status >= 400 and reason:
             self.refusals.labels(reason.split(":", 1)[0]).inc()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .identity import ROUTES
 from .images import BASE64_PATTERN, DATA_URI_PATTERN
 from .inference import ModelInfo
 from .policy import Policy
@@ -31,7 +32,7 @@ _WHY = {
     "404": "The `model` named is not the one served here.",
     "413": "Body over `[limits] max_body_bytes`, or an image over the byte or pixel limit.",
     "415": "Body not sent as application/json, or an image that is not PNG, JPEG or WebP.",
-    "429": "Over the client's `rate` or `max_concurrent`.",
+    "429": "Over the client's `rate`, `max_concurrent` or `token_budget`.",
     "503": "Queue full, shutting down, or the audit trail cannot be written (fail closed).",
 }
 
@@ -105,9 +106,15 @@ _GATED = ("401", "403", "413", "429", "503")  # any route behind a token: the ga
 _CHAT = ("400", "401", "403", "404", "413", "415", "429", "503")
 
 
-def _get(summary: str, scope: str | None, ok: Obj, *errors: str) -> Obj:
+def _scope(method: str, path: str) -> str | None:
+    """The route table's scope of a documented operation: the document never states its own."""
+    return next(r.scope for r in ROUTES if (r.method, r.path) == (method, path))
+
+
+def _get(path: str, summary: str, ok: Obj, *errors: str) -> Obj:
     op: Obj = {"summary": summary, "operationId": summary.split(":")[0].replace(" ", "_"),
                "responses": {"200": ok, **_errors(*errors)}}
+    scope = _scope("GET", path)
     if scope is None:
         op["security"] = []
     else:
@@ -119,29 +126,30 @@ def _paths() -> Obj:
     ready_503 = _json_response(_WHY["503"] + " /readyz also while not ready (reasons listed).",
                                {"anyOf": [_ref("schemas", "Error"), _ref("schemas", "NotReady")]},
                                "Retry-After")
-    ready = _get("readyz: 200 once the model is loaded", None,
+    ready = _get("/readyz", "readyz: 200 once the model is loaded",
                  _json_response("Ready.", _ref("schemas", "Ready")), "403")
     ready["get"]["responses"]["503"] = ready_503
     metrics_ok = {"description": "Prometheus text format.", "headers": _headers(),
                   "content": {METRICS_TYPE: {"schema": {"type": "string"}}}}
     return {
-        "/healthz": _get("healthz: liveness", None, _json_response("Alive.", _ref("schemas", "Alive")),
-                         "403", "503"),
+        "/healthz": _get("/healthz", "healthz: liveness",
+                         _json_response("Alive.", _ref("schemas", "Alive")), "403", "503"),
         "/readyz": ready,
-        "/v1/models": _get("models: the loaded model", "models",
+        "/v1/models": _get("/v1/models", "models: the loaded model",
                            _json_response("The model.", _ref("schemas", "ModelList")), *_GATED),
-        "/metrics": _get("metrics: Prometheus metrics", "metrics", metrics_ok, *_GATED),
-        "/api/v1/health": _get("health: engine, queue, GPU, host, audit", "admin",
+        "/metrics": _get("/metrics", "metrics: Prometheus metrics", metrics_ok, *_GATED),
+        "/api/v1/health": _get("/api/v1/health", "health: engine, queue, GPU, host, audit",
                                _json_response("Health.", _ref("schemas", "Health")), *_GATED),
-        "/openapi.json": _get("openapi: this document", "admin",
+        "/openapi.json": _get("/openapi.json", "openapi: this document",
                               _json_response("OpenAPI 3.1.", {"type": "object"}), *_GATED),
         "/v1/chat/completions": {"post": _chat_op()},
         "/api/v1/chat": {"post": _api_chat_op()},
     }
 
 
-def _post(op_id: str, summary: str, request: str, ok: Obj) -> Obj:
-    return {"operationId": op_id, "summary": summary, "description": "Needs a token with scope `chat`.",
+def _post(path: str, op_id: str, summary: str, request: str, ok: Obj) -> Obj:
+    return {"operationId": op_id, "summary": summary,
+            "description": f"Needs a token with scope `{_scope('POST', path)}`.",
             "requestBody": {"required": True,
                             "content": {JSON: {"schema": _ref("schemas", request)}}},
             "responses": {"200": ok, **_errors(*_CHAT)}}
@@ -152,12 +160,12 @@ def _chat_op() -> Obj:
           "headers": _headers(),
           "content": {JSON: {"schema": _ref("schemas", "ChatCompletion")},
                       SSE: {"schema": _ref("schemas", "ChatEvent")}}}
-    return _post("chat_completions", "OpenAI-compatible chat", "ChatRequest", ok)
+    return _post("/v1/chat/completions", "chat_completions", "OpenAI-compatible chat", "ChatRequest", ok)
 
 
 def _api_chat_op() -> Obj:
     ok = _json_response("The answer.", _ref("schemas", "ApiChatResponse"))
-    return _post("api_chat", "One prompt, optionally one image", "ApiChatRequest", ok)
+    return _post("/api/v1/chat", "api_chat", "One prompt, optionally one image", "ApiChatRequest", ok)
 
 
 # --- schemas ------------------------------------------------------------------------------------

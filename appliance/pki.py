@@ -7,6 +7,9 @@ import hashlib
 import ipaddress
 import os
 import socket
+import stat
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import SetupError
 
 Key = ec.EllipticCurvePrivateKey
 
@@ -27,26 +32,68 @@ class Issued:
     key: Key
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    """Create a file readable by the owner only (0600), atomically, never widening an existing one."""
+def atomic_write(path: Path, data: bytes, mode: int, *, owner: tuple[int, int] | None = None,
+                 check: Callable[[Path], None] | None = None) -> None:
+    """Write a whole new file, then rename it over `path`: readers see the old or the new bytes, never a mix.
+
+    The temp file has a random name and is created with O_EXCL|O_NOFOLLOW, so a file or symlink planted
+    in a shared folder is never written through or reused; `check` may refuse the temp file before the swap.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        _fill(fd, data, mode, owner)
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        _verify_written(fd, path, mode)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+
+
+def _fill(fd: int, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
+    """All the bytes, the exact mode (not what the umask leaves) and the owner, on disk before the rename."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fchmod(fd, mode)
+    if owner is not None and owner != (os.geteuid(), os.getegid()):
+        os.fchown(fd, *owner)
+    os.fsync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _verify_written(fd: int, path: Path, mode: int) -> None:
+    """The name must now be our regular file with exactly `mode`; otherwise someone raced the rename."""
+    mine, st = os.fstat(fd), os.lstat(path)
+    if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or not stat.S_ISREG(st.st_mode) \
+            or stat.S_IMODE(st.st_mode) != mode:
+        raise SetupError(f"{path}: not the file just written with mode {mode:o} "
+                         f"(mode {stat.S_IMODE(st.st_mode):o}); another user may control {path.parent}",
+                         hint=f"use a folder only you can write (chmod 700 {path.parent}) and retry")
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create a file readable by the owner only (0600), atomically, never widening an existing one."""
+    atomic_write(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Write a non-secret file (certificate, policy) as 0644 atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o644)
 
 
 def _name(cn: str) -> x509.Name:
@@ -144,8 +191,15 @@ def new_client_cert(ca: Issued, cn: str, days: int = 825, *,
 
 
 def fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 over the DER encoding, lower-case hex: what `cert_sha256` and `[server] revoked` hold."""
+    """SHA-256 over the DER of the certificate as issued (what `openssl x509 -fingerprint -sha256` prints),
+    lower-case hex: the usual value of `cert_sha256` and `[server] revoked`; it matches every re-encoding."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def signed_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 over the signed TBSCertificate: what the trail's `cert_sha256` records, the same for every
+    encoding of the certificate; also accepted in `cert_sha256` and `[server] revoked`."""
+    return hashlib.sha256(cert.tbs_certificate_bytes).hexdigest()
 
 
 def pkcs12_bytes(issued: Issued, ca_cert: x509.Certificate, name: str, password: str) -> bytes:

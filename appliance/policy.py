@@ -5,12 +5,17 @@ Every problem in the file is collected, so `policy check` can list them all at o
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import hashlib
 import ipaddress
+import os
+import pwd
 import re
 import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +60,10 @@ class ServerPolicy:
     allow: tuple[Network, ...]
     trusted_proxies: tuple[Network, ...]
     revoked: frozenset[str]
+    max_connections: int
+    max_connections_per_source: int
+    handshake_timeout_s: int
+    refusal_records_per_second: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,7 @@ class Client:
     cert_sha256: str | None = None
     expires: dt.date | None = None
     rate: Rate | None = None
+    token_budget: Rate | None = None
     max_concurrent: int | None = None
     cache: bool = False
     disabled: bool = False
@@ -178,7 +188,7 @@ def load_policy(file: Path | str) -> Policy:
     """Read and validate a policy file; raises PolicyInvalid naming the file, each key and a hint."""
     path = Path(file)
     try:
-        raw = path.read_bytes()
+        raw = read_stable(path)
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read policy file ({exc.strerror})",
                           hint="run `qwen-appliance init DIR` to create one") from None
@@ -188,6 +198,30 @@ def load_policy(file: Path | str) -> Policy:
         raise ConfigError(path, None, f"not valid TOML: {exc}",
                           hint="check quoting and brackets near the position shown") from None
     return _build(path, hashlib.sha256(raw).hexdigest(), doc)
+
+
+def file_signature(st: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever a file's bytes change: inode, size and modification times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def read_stable(path: Path, tries: int = 5) -> bytes:
+    """The bytes of a file nobody is writing: the same inode, size and mtime before, after and by name.
+
+    A file written in place can parse when only its first part is there; such a read is retried, then refused.
+    """
+    for _ in range(tries):
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            raw = f.read()
+            after = os.fstat(f.fileno())
+        if file_signature(before) == file_signature(after) == file_signature(os.stat(path)) \
+                and len(raw) == after.st_size:
+            return raw
+        time.sleep(0.05)
+    raise ConfigError(path, None, "the file kept changing while it was read",
+                      hint="write policy files atomically: a new file in the same folder, then `mv` it "
+                           "over the policy (`qwen-appliance token` and `cert revoke` do this)")
 
 
 def _build(path: Path, digest: str, doc: dict[str, Any]) -> Policy:
@@ -413,23 +447,95 @@ def _check_client(errs: _Collector, srv: ServerPolicy, client: Client, where: st
                  hint="set client_cert = \"required\" or \"optional\"")
 
 
+SERVICE_USER = "qwen-appliance"  # the packaged daemon's account (systemd/qwen-appliance.sysusers)
+_MAX_LINKS = 40
+
+
+def trusted_owners() -> frozenset[int]:
+    """Who may own a trusted file or folder: root, this process's user, and the service account."""
+    uids = {0, os.geteuid()}
+    with contextlib.suppress(KeyError):
+        uids.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    return frozenset(uids)
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return f"{uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return str(uid)
+
+
+def _walk(path: Path, links: list[int]) -> tuple[Path, list[tuple[Path, os.stat_result]]]:
+    """Resolve `path` by hand: its real path and (entry, lstat) of every folder and link passed through."""
+    cur, seen = Path("/"), [(Path("/"), os.lstat("/"))]
+    for name in (path if path.is_absolute() else Path.cwd() / path).parts[1:]:
+        if name == "..":
+            cur = cur.parent
+            continue
+        entry = cur / name
+        st = os.lstat(entry)
+        seen.append((entry, st))
+        if not stat.S_ISLNK(st.st_mode):
+            cur = entry
+            continue
+        links[0] += 1
+        if links[0] > _MAX_LINKS:
+            raise OSError(errno.ELOOP, "too many levels of symbolic links", str(path))
+        target = Path(os.readlink(entry))
+        cur, more = _walk(target if target.is_absolute() else cur / target, links)
+        seen += more[1:]
+    return cur, seen
+
+
+def _check_chain(errs: _Collector, path: Path, key: str | None) -> os.stat_result | None:
+    """Every folder and link that leads to `path` must be owned by a trusted user and not writable by others.
+
+    A sticky folder others can write (/tmp) is fine above the file's own folder: there nobody can rename
+    entries they do not own, and every entry on the way is checked to be ours or root's.
+    """
+    owners = trusted_owners()
+    try:
+        real, seen = _walk(path, [0])
+    except OSError as exc:
+        errs.add(key, f"{path}: cannot read ({exc.strerror})", hint="check the path")
+        return None
+    for entry, st in dict(seen).items():  # each once, in order
+        if st.st_uid not in owners:
+            what = "symbolic link" if stat.S_ISLNK(st.st_mode) else "folder" if entry != real else "file"
+            errs.add(key, f"{entry}: the {what} on the way to {path} is owned by {_owner_name(st.st_uid)}, "
+                          "not root or the service user", hint=f"chown root {entry} (or move {path})")
+        elif stat.S_ISDIR(st.st_mode) and entry != real and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) \
+                and (not st.st_mode & stat.S_ISVTX or entry == real.parent):
+            errs.add(key, f"{entry}: folder writable by group or others (mode {stat.S_IMODE(st.st_mode):o}), "
+                          f"so they could replace {path}", hint=f"chmod go-w {entry}, or move {path} "
+                          "to a folder only root and the service user can write")
+    return seen[-1][1]
+
+
 def check_file_modes(policy: Policy) -> None:
-    """Refuse files others could change (policy, certificates) or read (private key)."""
+    """Refuse trusted files (policy, certificates, keys) others could change, replace or read.
+
+    Checked: the owner of each file and of each folder and link on its way from /, and the modes.
+    """
     errs = _Collector(policy.file)
     srv = policy.server
     for path, key in ((policy.file, None), (srv.tls_cert, "server.tls_cert"),
-                      (srv.client_ca, "server.client_ca"), (srv.tls_key, "server.tls_key")):
+                      (srv.client_ca, "server.client_ca"), (srv.tls_key, "server.tls_key"),
+                      (policy.audit.hmac_key_file, "audit.hmac_key_file")):
         if path is None:
             continue
-        try:
-            mode = path.stat().st_mode
-        except OSError as exc:
-            errs.add(key, f"{path}: cannot read ({exc.strerror})", hint="check the path")
+        st = _check_chain(errs, path, key)
+        if st is None:
             continue
+        if not stat.S_ISREG(st.st_mode):
+            errs.add(key, f"{path}: not a regular file", hint="point it at a file")
+            continue
+        mode = st.st_mode
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
             errs.add(key, f"{path} is writable by group or others (mode {stat.S_IMODE(mode):o})",
                      hint=f"chmod go-w {path}")
-        if key == "server.tls_key" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            errs.add(key, f"{path}: private key is accessible by group or others "
+        if key in ("server.tls_key", "audit.hmac_key_file") and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            errs.add(key, f"{path}: secret key is accessible by group or others "
                      f"(mode {stat.S_IMODE(mode):o})", hint=f"chmod 600 {path}")
     errs.raise_if_any()

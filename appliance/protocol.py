@@ -29,6 +29,20 @@ class IntakeRules:
     max_images: int
     image_limits: images.ImageLimits
     images_allowed: bool = True
+    n_ctx: int = 0  # the model's context per request (0: not checked here)
+    max_token_bytes: int = 0  # the vocabulary's longest token in bytes (0: not checked here)
+
+    def check_text(self, texts: list[str], max_tokens: int) -> None:
+        """Refuse text that cannot fit before anything is decoded or tokenized: no token covers more
+        than max_token_bytes bytes, so bytes / max_token_bytes is a lower bound on its tokens."""
+        if not self.n_ctx or not self.max_token_bytes:
+            return
+        n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        at_least = -(-n_bytes // self.max_token_bytes)
+        room = self.n_ctx - max_tokens
+        if at_least > room:
+            raise BadRequest(f"prompt is at least {at_least} tokens ({n_bytes} bytes of text); the "
+                             f"context holds {max(room, 0)} ({self.n_ctx} minus max_tokens {max_tokens})")
 
     def image(self, decode: Callable[[], RGBImage]) -> RGBImage:
         """Refuse images on a text-only model before spending any work on decoding them."""
@@ -64,14 +78,15 @@ def parse_openai_chat(body: Any, rules: IntakeRules) -> ChatJob:
     if len(raw) > MAX_MESSAGES:
         raise BadRequest(f"messages has {len(raw)} entries; at most {MAX_MESSAGES}")
     _precount_images(raw, rules)
-    messages = tuple(_message(m, i, rules) for i, m in enumerate(raw))
-    _count_images(messages, rules)
     legacy = body.get("max_tokens")
     if legacy is not None:
         _max_tokens(legacy, rules)  # checked even when max_completion_tokens wins: never silently ignored
     max_tokens = body.get("max_completion_tokens")
-    return ChatJob(messages, _params(body, legacy if max_tokens is None else max_tokens, rules),
-                   _bool(body, "stream", False))
+    params = _params(body, legacy if max_tokens is None else max_tokens, rules)
+    rules.check_text(_raw_texts(raw), params.max_tokens)  # before any image is decoded
+    messages = tuple(_message(m, i, rules) for i, m in enumerate(raw))
+    _count_images(messages, rules)
+    return ChatJob(messages, params, _bool(body, "stream", False))
 
 
 def parse_api_chat(body: Any, rules: IntakeRules) -> ChatJob:
@@ -80,6 +95,8 @@ def parse_api_chat(body: Any, rules: IntakeRules) -> ChatJob:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("prompt must be a non-empty string")
+    params = _params(body, body.get("max_tokens"), rules)
+    rules.check_text([prompt], params.max_tokens)
     parts: list[Part] = []
     image = body.get("image")
     if image is not None:
@@ -89,7 +106,7 @@ def parse_api_chat(body: Any, rules: IntakeRules) -> ChatJob:
     parts.append(prompt)
     messages = (Message("user", tuple(parts)),)
     _count_images(messages, rules)
-    return ChatJob(messages, _params(body, body.get("max_tokens"), rules), False)
+    return ChatJob(messages, params, False)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -140,6 +157,19 @@ def _precount_images(raw: list[Any], rules: IntakeRules) -> None:
                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
     if count > rules.max_images:
         raise BadRequest(f"request has {count} images; at most {rules.max_images}")
+
+
+def _raw_texts(raw: list[Any]) -> list[str]:
+    """Every text of the raw messages (malformed ones are refused later, when parsed)."""
+    texts: list[str] = []
+    for m in raw:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
+                      and isinstance(p.get("text"), str)]
+    return texts
 
 
 def _count_images(messages: tuple[Message, ...], rules: IntakeRules) -> None:

@@ -1,7 +1,7 @@
 """Policy reload on SIGHUP or file change: validate the whole new policy, then swap it in atomically.
 
-An invalid policy is rejected as a whole and the running one stays. Certificates and the client CA are
-re-read into the live TLS context, so new connections use them without a restart.
+An invalid policy is rejected as a whole and the running one stays. Every reload builds a whole new TLS
+context (certificate, key, client CA, client_cert mode) for new handshakes; see connections.py.
 """
 
 from __future__ import annotations
@@ -9,17 +9,33 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import ssl
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from . import livepolicy
 from .audit import AuditLog, AuditUnavailable
-from .errors import ConfigError, TLSSetupError
-from .policy import Policy, check_file_modes, load_policy
+from .errors import ConfigError, SetupError
+from .policy import Policy, check_file_modes, file_signature, load_policy
+
+if TYPE_CHECKING:
+    from .connections import ServerTLS
 
 log = logging.getLogger("appliance.reload")
 
 RESTART_ONLY = ("listen address", "model", "body size ceiling", "audit settings")
+POLL_S = 0.1  # the watcher's stat() interval
+SETTLE_POLLS = 2  # a changed file must be unchanged this long (and closed by its writer) before a reload
+FALLBACK_SETTLE_POLLS = 10  # without inotify nothing says a writer is done: wait a full second
+
+
+def _signature(path: Path) -> tuple[int, ...] | None:
+    try:
+        return file_signature(os.stat(path))
+    except OSError:
+        return None
 
 
 def _digest(path: Path | None) -> str | None:
@@ -32,7 +48,7 @@ def _digest(path: Path | None) -> str | None:
 class PolicyReloader:
     """Owns the live policy; `apply` receives every accepted policy (runtime, queue, limits)."""
 
-    def __init__(self, policy: Policy, tls: ssl.SSLContext, apply: Callable[[Policy], None],
+    def __init__(self, policy: Policy, tls: ServerTLS, apply: Callable[[Policy], None],
                  audit: AuditLog | None = None, on_outcome: Callable[[str], None] | None = None) -> None:
         self.policy = policy
         self.audit = audit
@@ -41,6 +57,10 @@ class PolicyReloader:
         self.apply = apply
         self._tls_digests = self._tls_files(policy)
         self._file_digest = _digest(policy.file)
+        self._file_sig = _signature(policy.file)
+        self._writers: livepolicy.WriteWatch | None = None
+        self._pending: str | None = None
+        self._status = livepolicy.status_path(policy.audit.dir)
         self.accepted = 0
         self.rejected = 0
 
@@ -50,8 +70,15 @@ class PolicyReloader:
         return (_digest(s.tls_cert), _digest(s.tls_key), _digest(s.client_ca))
 
     def reload(self, reason: str) -> bool:
-        """Re-read the policy file; True when a new policy is now in force."""
+        """Re-read the policy file; True when a new policy is now in force. Deferred while being written."""
         old = self.policy
+        if self._writers is not None and self._writers.busy():
+            self._pending = reason
+            log.warning("policy reload (%s) deferred: %s is open for writing; it is read once its "
+                        "writer closes it", reason, old.file)
+            return False
+        self._pending = None
+        self._file_sig = _signature(old.file)
         self._file_digest = _digest(old.file)
         try:
             new = load_policy(old.file)
@@ -77,6 +104,8 @@ class PolicyReloader:
         """Audit (and count) every reload; a failure here is logged, the reload decision stands."""
         if self.on_outcome is not None:
             self.on_outcome(outcome)
+        self._publish({"outcome": outcome, "reason": trigger, "file_sha256": new, "keys": keys,
+                       "at": time.time()})
         if self.audit is None:
             return
         try:
@@ -86,19 +115,16 @@ class PolicyReloader:
             log.error("policy reload could not be audited: %s", exc)
 
     def _reload_tls(self, new: Policy) -> None:
+        """A whole new context from the new policy, swapped in for new handshakes; on any error the old
+        one stays fully in force (adding to the live one could never drop a CA)."""
+        from .connections import check_fd_budget
+        check_fd_budget(new.server, str(new.file))
+        self.tls.replace(new.server, str(new.file))
         digests = self._tls_files(new)
-        if digests == self._tls_digests:
-            return
-        s = new.server
-        try:
-            self.tls.load_cert_chain(str(s.tls_cert), str(s.tls_key))
-            if s.client_ca is not None:
-                self.tls.load_verify_locations(cafile=str(s.client_ca))
-        except (OSError, ssl.SSLError) as exc:
-            raise TLSSetupError(f"{s.tls_cert}: cannot load the new certificate/key/CA ({exc})",
-                                hint="check the files named in [server]") from None
+        if digests != self._tls_digests or new.server.client_cert != self.policy.server.client_cert:
+            log.info("TLS settings reloaded (certificate, key, client CA or client_cert mode changed); "
+                     "new handshakes use them, older connections are held to them request by request")
         self._tls_digests = digests
-        log.info("TLS certificate, key or client CA re-read; new connections use them")
 
     @staticmethod
     def _warn_restart_only(old: Policy, new: Policy) -> None:
@@ -112,10 +138,55 @@ class PolicyReloader:
             if diff:
                 log.warning("policy: the %s changed; it takes effect at the next restart", what)
 
-    async def watch(self, interval: float = 1.0) -> None:
-        """Poll the file's digest; a change of contents triggers a reload (no inotify dependency)."""
-        while True:
-            await asyncio.sleep(interval)
-            current = _digest(self.policy.file)
-            if current is not None and current != self._file_digest:
+    def _publish(self, last: dict[str, object]) -> None:
+        """Tell admin commands which policy is in force; they wait for it (see livepolicy.confirm)."""
+        try:
+            livepolicy.publish(self._status, self.policy.file, self.policy.digest, last)
+        except (OSError, SetupError) as exc:
+            log.error("cannot write %s (admin commands cannot confirm reloads): %s", self._status, exc)
+
+    def _open_writers(self) -> livepolicy.WriteWatch | None:
+        file = self.policy.file
+        try:
+            return livepolicy.WriteWatch(sorted({file.absolute(), Path(os.path.realpath(file))}))
+        except OSError as exc:
+            log.warning("inotify unavailable (%s): a changed policy is reloaded once unchanged for "
+                        "%.0f s; write it atomically", exc, FALLBACK_SETTLE_POLLS * POLL_S)
+            return None
+
+    async def watch(self, interval: float = POLL_S, inotify: bool = True) -> None:
+        """Reload a changed file once it has settled: unchanged for a few polls and closed by its writer."""
+        self._writers = self._open_writers() if inotify else None
+        settle = SETTLE_POLLS if self._writers is not None else FALLBACK_SETTLE_POLLS
+        self._publish({"outcome": "started", "file_sha256": self.policy.digest, "at": time.time()})
+        seen, stable = self._file_sig, 0
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                sig = _signature(self.policy.file)
+                stable = stable + 1 if sig == seen else 0
+                seen = sig
+                if self._writers is not None and self._writers.busy():
+                    stable = 0
+                elif stable >= settle and sig is not None:
+                    try:
+                        self._poll_due(sig)
+                    except Exception:  # the watcher must outlive any one bad reload
+                        log.exception("policy reload failed unexpectedly; still enforcing %s",
+                                      self.policy.digest[:16])
+                        self._file_sig = sig
+        finally:
+            if self._writers is not None:
+                self._writers.close()
+                self._writers = None
+            livepolicy.withdraw(self._status)
+
+    def _poll_due(self, sig: tuple[int, ...]) -> None:
+        """A deferred SIGHUP, or a settled change of contents, triggers the reload."""
+        if self._pending is not None:
+            self.reload(self._pending)
+        elif sig != self._file_sig:
+            if _digest(self.policy.file) == self._file_digest:
+                self._file_sig = sig  # touched or rewritten with the same bytes
+            else:
                 self.reload("file changed")

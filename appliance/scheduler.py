@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import ServiceUnavailable
 from .inference import Completion, Message, SamplingParams
@@ -41,6 +41,18 @@ class Running(Protocol):
     def error(self) -> BaseException | None: ...
 
 
+class Prepared(Protocol):
+    """A tokenized prompt made before admission (off the engine thread); freed with close()."""
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    @property
+    def n_image_tokens(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class BatchEngine(Protocol):
     """What the scheduler needs of an engine (the real one, in tests too)."""
 
@@ -50,8 +62,10 @@ class BatchEngine(Protocol):
     @property
     def free_slots(self) -> int: ...
 
+    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Any: ...
+
     def admit(self, messages: Sequence[Message], params: SamplingParams, cancelled: Callable[[], bool],
-              on_piece: Callable[[str], None], owner: str = "") -> Running: ...
+              on_piece: Callable[[str], None], owner: str = "", prepared: Any = None) -> Running: ...
 
     def step(self) -> Sequence[Running]: ...
 
@@ -70,13 +84,18 @@ class Job:
     started_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     queue_ms: float = 0.0
+    prepared: Prepared | None = None  # tokenized before submit; the engine takes it over at admission
+    admitted: bool = False  # reached the engine (a job withdrawn from the queue never does)
+    _wake: Callable[[], None] | None = None  # tells the scheduler to drop a cancelled job from its queue
     _pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     _done: asyncio.Future[Completion] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
     def cancel(self) -> None:
-        """Stop at the next token; safe from any task or thread, idempotent."""
+        """Stop at the next token, or leave the queue unrun; safe from any task or thread, idempotent."""
         self.cancel_event.set()
+        if self._wake is not None:
+            self._wake()
 
     async def pieces(self) -> AsyncIterator[str]:
         """Text pieces in order; ends when the generation ends (check `result()` afterwards)."""
@@ -159,14 +178,22 @@ class Scheduler:
         self._outbox = _Outbox()
         self._step_started = 0.0
         self._avg_seconds = 1.0
+        self.admitted = 0  # jobs handed to the engine
+        self.withdrawn = 0  # jobs cancelled while queued: they never reached the engine
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     # the request side (event loop) -------------------------------------------------------------
 
     @property
     def waiting(self) -> int:
-        """Jobs submitted but not yet in a slot."""
-        return len(self._inbox)
+        """Jobs submitted but not yet in a slot (a cancelled one no longer counts)."""
+        with self._cond:
+            return sum(not job.cancel_event.is_set() for job in self._inbox)
+
+    def prepare(self, messages: tuple[Message, ...], params: SamplingParams) -> Prepared:
+        """Tokenize a request in the calling thread (never the engine's); pass the result to submit."""
+        prepared: Prepared = self._engine.prepare(messages, params)
+        return prepared
 
     @property
     def running(self) -> int:
@@ -183,7 +210,7 @@ class Scheduler:
         return self._step_started
 
     def submit(self, messages: tuple[Message, ...], params: SamplingParams, tag: str = "-",
-               owner: str = "", stream: bool = True) -> Job:
+               owner: str = "", stream: bool = True, prepared: Prepared | None = None) -> Job:
         """Admit a job or refuse with 503 when the queue is full; the job starts when a slot is free.
 
         With stream=False the pieces are not passed to the event loop one by one (only the completion),
@@ -195,7 +222,8 @@ class Scheduler:
                 f"the appliance is busy ({self.waiting} requests waiting); try again later",
                 retry_after=retry)
         loop = asyncio.get_running_loop()
-        job = Job(messages, params, tag, owner=owner, stream=stream, _loop=loop)
+        job = Job(messages, params, tag, owner=owner, stream=stream, prepared=prepared,
+                  _wake=self._wake, _loop=loop)
         job._done = loop.create_future()
         with self._cond:
             if self._closing:
@@ -206,6 +234,10 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
                 self._thread.start()
         return job
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def healthy(self, stall_s: float = 900.0) -> bool:
         """False when one engine step has run implausibly long (a wedged GPU or driver): stop the watchdog."""
@@ -250,19 +282,46 @@ class Scheduler:
                     self._admit(job)
                 self._outbox.flush()
                 return None
+            self._withdraw_cancelled()
             free = self._engine.free_slots
             return [self._inbox.popleft() for _ in range(min(free, len(self._inbox)))]
+
+    def _withdraw_cancelled(self) -> None:
+        """Jobs whose client left while they waited leave the queue now, unrun (caller holds _cond)."""
+        if not any(job.cancel_event.is_set() for job in self._inbox):
+            return
+        keep: deque[Job] = deque()
+        for job in self._inbox:
+            if job.cancel_event.is_set():
+                self.withdrawn += 1
+                job.queue_ms = (time.monotonic() - job.submitted_at) * 1000
+                self._close_prepared(job)
+                self._settle(job, Completion(text="", finish_reason="cancelled"), None, timed=False)
+            else:
+                keep.append(job)
+        self._inbox = keep
+
+    @staticmethod
+    def _close_prepared(job: Job) -> None:
+        if job.prepared is not None:
+            job.prepared.close()
+            job.prepared = None
 
     def _admit(self, job: Job) -> None:
         """Put a job into a slot, or end it at once (cancelled while waiting, or refused input)."""
         job.started_at = time.monotonic()
         job.queue_ms = (job.started_at - job.submitted_at) * 1000
         if job.cancel_event.is_set():
-            self._settle(job, Completion(text="", finish_reason="cancelled"), None)
+            self.withdrawn += 1
+            self._close_prepared(job)
+            self._settle(job, Completion(text="", finish_reason="cancelled"), None, timed=False)
             return
+        prepared, job.prepared = job.prepared, None  # the engine owns it from here, even on failure
+        job.admitted = True
+        self.admitted += 1
         try:
             seq = self._engine.admit(job.messages, job.params, job.cancel_event.is_set,
-                                     self._piece_sink(job), job.owner)
+                                     self._piece_sink(job), job.owner, prepared)
         except Exception as exc:  # BadRequest and the like: the client sees its JSON error
             self._settle(job, None, exc)
             return
@@ -292,10 +351,12 @@ class Scheduler:
             if entry is not None:
                 self._settle(entry[1], seq.completion, seq.error)
 
-    def _settle(self, job: Job, completion: Completion | None, error: BaseException | None) -> None:
+    def _settle(self, job: Job, completion: Completion | None, error: BaseException | None,
+                timed: bool = True) -> None:
         """Queue the job's end for its event loop, after every piece it streamed."""
         ran = time.monotonic() - (job.started_at or job.submitted_at)
-        self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * ran
+        if timed:  # a job that never ran says nothing about how long jobs take (Retry-After)
+            self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * ran
         self._outbox.add(job, lambda: self._finish(job, completion, error, ran))
 
     def _finish(self, job: Job, c: Completion | None, error: BaseException | None, ran: float) -> None:

@@ -11,20 +11,29 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import __version__, sdnotify
 from .app import Runtime, build_app
 from .audit import AuditConfig, AuditLog, AuditUnavailable, Hmac, load_hmac_key
+from .connections import Handshake, Listener, ServerTLS, check_fd_budget
 from .engine import Engine
-from .errors import ApplianceError, ModelLoadError, SetupError
+from .errors import (
+    ApplianceError,
+    BadRequest,
+    ClientError,
+    Forbidden,
+    HeaderFieldsTooLarge,
+    ModelLoadError,
+    SetupError,
+)
 from .gpu import GpuMonitor
 from .harden import harden_process
 from .inference import Completion, EngineConfig
@@ -32,7 +41,7 @@ from .metrics import Metrics
 from .policy import Policy, check_file_modes, load_policy
 from .reload import PolicyReloader
 from .scheduler import Job, Scheduler
-from .tls import peer_cert, server_context
+from .tls import peer_cert
 from .trail import Trail
 
 log = logging.getLogger("appliance.server")
@@ -47,18 +56,37 @@ BODY_PROGRESS_BYTES = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # request line plus headers; httptools alone buffers any amount
 
 
-class _HeadTooLarge(Exception):
-    """Raised from a parser callback; httptools turns it into a parse error and uvicorn into a refusal."""
+class _Refused(Exception):
+    """Raised from a parser callback to refuse the request below the gate; httptools stops parsing."""
+
+    def __init__(self, exc: ClientError, reason: str, label: str) -> None:
+        super().__init__(reason)
+        self.exc, self.reason, self.label = exc, reason, label
+
+
+def _upgrade() -> _Refused:
+    return _Refused(BadRequest("protocol upgrades (WebSocket, h2c, CONNECT) are not served here"),
+                    "protocol upgrade requested (Upgrade header or CONNECT)", "upgrade")
 
 
 class CertAwareProtocol(HttpToolsProtocol):
     """Adds `scope["extensions"]["tls"]` (client certificate facts, TLS version) to every request, and
-    deadlines and a size limit for each request's head and body."""
+    deadlines and a size limit for each request's head and body. Refusals it makes itself (malformed
+    requests, oversized heads, upgrades, connections older than the TLS policy) are audited and carry the
+    security headers, like the gate's."""
+
+    listener: Listener | None = None
+    handshake: Handshake | None = None
+
+    def attach(self, listener: Listener, handshake: Handshake) -> None:
+        self.listener, self.handshake = listener, handshake
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._refusal: _Refused | None = None
+        self._refusing = False
         self._arm(HEAD_TIMEOUT_S, "request headers")
         self._tls: dict[str, Any] = {"client_cert": None}
         ssl_object = transport.get_extra_info("ssl_object")
@@ -87,22 +115,52 @@ class CertAwareProtocol(HttpToolsProtocol):
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
+            self._stop(_Refused(HeaderFieldsTooLarge(f"request line and headers are over {MAX_HEAD_BYTES} "
+                                                     "bytes"),
+                                f"request line and headers over {MAX_HEAD_BYTES} bytes", "headers_too_large"))
+
+    def _stop(self, refusal: _Refused) -> None:
+        """From a parser callback: remember why, and make httptools stop with a parse error."""
+        self._refusal = refusal
+        raise refusal
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to an unparsable request; 431 when it was our head limit that stopped it."""
-        if self._head_bytes <= MAX_HEAD_BYTES:
-            super().send_400_response(msg)
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, but every parse failure becomes an audited refusal (uvicorn's own has neither)."""
+        if self._refusing:
             return
-        log.warning("refused a request from %s: headers over %d bytes", self.client, MAX_HEAD_BYTES)
-        body = b"Request header fields too large."
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._refuse(self._refusal or _malformed(exc))
+        except httptools.HttpParserUpgrade:
+            self._refuse(_upgrade())
+
+    def send_400_response(self, msg: str) -> None:
+        """Nothing in uvicorn answers unaudited: its 400 goes the same way as ours."""
+        self._refuse(self._refusal or _Refused(BadRequest("the request could not be parsed"),
+                                               "malformed HTTP request", "malformed"))
+
+    def _refuse(self, refusal: _Refused) -> None:
+        if self._refusing:
+            return
+        self._refusing = True
+        self._disarm()
+        if self.listener is None:  # not served by our listener (never in the daemon): plain close
+            self.transport.abort()
+            return
+        self.transport.pause_reading()
+        cert = self._tls.get("client_cert")
+        idle = self.cycle is None or self.cycle.response_complete
+        if not idle:  # pipelined behind a running request: that one finishes, then the connection closes
+            self.cycle.keep_alive = False
+        ip = self.client[0] if self.client else "unknown"
+        self.listener.refuse(self.transport, ip, refusal.exc, refusal.reason, refusal.label,
+                             cert.get("cert_sha256") if cert else None, answer=idle)
 
     def shutdown(self) -> None:
         """Drop idle keep-alive connections at once; a TLS close would wait up to 30 s for the peer."""
@@ -128,6 +186,12 @@ class CertAwareProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade() or any(name == b"upgrade" for name, _ in self.headers):
+            self._stop(_upgrade())  # WebSockets are off: nothing may go around the gate
+        stale = self._stale()
+        if stale is not None:
+            self._stop(_Refused(Forbidden("this connection was set up under TLS settings that have since "
+                                          "changed; connect again"), stale, "stale_tls"))
         self._body_bytes = 0
         self._arm(BODY_TIMEOUT_S, "request body")
         super().on_headers_complete()
@@ -143,14 +207,29 @@ class CertAwareProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
 
+    def _stale(self) -> str | None:
+        """The backstop: a connection whose handshake would not pass under the TLS policy now."""
+        if self.listener is None or self.handshake is None:
+            return None
+        return self.listener.tls.stale(self.handshake, self._tls.get("client_cert") is not None)
+
+
+def _malformed(exc: Exception) -> _Refused:
+    """httptools' reason is one of llhttp's fixed messages, never the request's bytes."""
+    why = str(exc)[:120] if not isinstance(exc, httptools.HttpParserCallbackError) else "parser callback"
+    return _Refused(BadRequest("the request is not valid HTTP/1.1"), f"malformed HTTP request ({why})",
+                    "malformed")
+
 
 class ApplianceServer(uvicorn.Server):
     """uvicorn's server plus policy reload (SIGHUP, file change) and draining on shutdown."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, reloader: PolicyReloader) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, reloader: PolicyReloader,
+                 listener: Listener) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.reloader = reloader
+        self.listener = listener
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -163,6 +242,7 @@ class ApplianceServer(uvicorn.Server):
             for task in tasks:
                 task.cancel()
             loop.remove_signal_handler(signal.SIGHUP)
+            await self.listener.refusals.flush()  # suppressed refusals are summarised, never lost
 
     async def _purge_hourly(self) -> None:
         while True:
@@ -203,11 +283,11 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
-def uvicorn_config(app: Any, policy: Policy, ctx: ssl.SSLContext, host: str, port: int,
-                   ) -> uvicorn.Config:
+def uvicorn_config(app: Any, listener: Listener, host: str, port: int) -> uvicorn.Config:
+    """uvicorn without TLS of its own: the listener wraps each connection (see connections.py); no
+    WebSockets, whose scopes would go around the gate."""
     return uvicorn.Config(
-        app, host=host, port=port, http=CertAwareProtocol, loop="auto",
-        ssl_context_factory=lambda _cfg, _default: ctx,
+        app, host=host, port=port, http=cast(Any, listener), ws="none", loop="auto",
         proxy_headers=False, server_header=False, access_log=False, log_config=None,
         lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=15,
         h11_max_incomplete_event_size=16 * 1024)
@@ -218,7 +298,8 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     policy = load_policy(policy_file)
     log.info("process hardening: %s", harden_process(mlock=policy.model.use_mlock))
     check_file_modes(policy)
-    ctx = server_context(policy.server)  # fail on TLS problems before the slow model load
+    tls = ServerTLS(policy.server)  # fail on TLS problems before the slow model load
+    check_fd_budget(policy.server, str(policy.file))
     audit = open_audit(policy)  # and when the audit trail cannot be written
     audit.write("daemon.start", reason=f"qwen-appliance {__version__}", pid=os.getpid(),
                 policy_sha256=policy.digest)
@@ -244,10 +325,11 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     scheduler = Scheduler(engine, policy.limits.max_queue, on_done=_observer(metrics))
     runtime = Runtime(policy=policy, model=engine.info, scheduler=scheduler, trail=trail,
                       metrics=metrics, gpu=gpu)
-    reloader = PolicyReloader(policy, ctx, runtime.apply_policy, audit,
+    reloader = PolicyReloader(policy, tls, runtime.apply_policy, audit,
                               lambda outcome: metrics.reloads.labels(outcome).inc())
-    config = uvicorn_config(build_app(runtime), policy, ctx, host, port)
-    server = ApplianceServer(config, runtime, reloader)
+    app = build_app(runtime)
+    listener = Listener(CertAwareProtocol, tls, lambda: runtime.policy, metrics, app.refusals)
+    server = ApplianceServer(uvicorn_config(app, listener, host, port), runtime, reloader, listener)
     try:
         server.run(sockets=sockets)
     finally:

@@ -49,9 +49,28 @@ SETTINGS: tuple[Setting, ...] = (
     _s("server", "allow", "cidrs", ["127.0.0.0/8", "::1/128"],
        "Network gate: peers outside these address ranges are refused (403) before any token is read."),
     _s("server", "trusted_proxies", "cidrs", [],
-       "Peers whose X-Forwarded-For header is believed; from anyone else the header is ignored."),
+       "Peers whose X-Forwarded-For header is believed: all its lines, as one list, read from the right "
+       "past these proxies (the client's own lines are never trusted); a Forwarded header from them is "
+       "refused (403). From anyone else both headers are ignored."),
     _s("server", "revoked", "hexlist", [],
-       "SHA-256 fingerprints of client certificates that are refused even though the CA signed them."),
+       "Client certificates refused even though the CA signed them: the SHA-256 of each as issued (`openssl "
+       "x509 -fingerprint -sha256`, `cert list` sha256) or of its signed part (`cert list` tbs sha256, the "
+       "trail's cert_sha256); either matches every re-encoding of that certificate."),
+    _s("server", "max_connections", "int", 1000,
+       "TCP connections held at once (TLS handshakes included); more are closed at once, counted and "
+       "logged, so idle sockets cannot use up the process's file descriptors (LimitNOFILE must be higher).",
+       minimum=1, maximum=100_000),
+    _s("server", "max_connections_per_source", "int", 64,
+       "TCP connections one source address may hold at once, so one host cannot take them all; behind a "
+       "proxy (trusted_proxies) every client shares the proxy's address: raise it to max_connections.",
+       minimum=1, maximum=100_000),
+    _s("server", "handshake_timeout_s", "int", 10,
+       "Seconds a new connection has to complete its TLS handshake; silent sockets are closed after it.",
+       minimum=1, maximum=60),
+    _s("server", "refusal_records_per_second", "int", 20,
+       "Refusal audit records per source address and second; the rest are counted "
+       "(qwa_refusal_records_suppressed_total) and summarised in one record per source and second.",
+       minimum=1, maximum=10_000),
     # [model]
     _s("model", "path", "path", REQUIRED, "The Qwen3-VL text model GGUF file."),
     _s("model", "mmproj", "path", None,
@@ -78,9 +97,10 @@ SETTINGS: tuple[Setting, ...] = (
        "paths outside it are refused."),
     _s("model", "image_min_tokens", "int", 0,
        "Lower bound of tokens one image becomes (0 = llama.cpp default).", minimum=0),
-    _s("model", "image_max_tokens", "int", 0,
-       "Upper bound of tokens one image becomes, bounding its cost (0 = llama.cpp default).",
-       minimum=0),
+    _s("model", "image_max_tokens", "int", 1024,
+       "Upper bound of tokens one image becomes: larger images are scaled down to it before encoding, "
+       "which bounds how long every other request waits while one image is encoded (0 = llama.cpp's "
+       "default, 4096 for Qwen-VL: over ten times the encoder time).", minimum=0),
     _s("model", "require_gpu", "bool", False,
        "Refuse to start unless layers are really offloaded to a GPU, instead of running on the CPU."),
     _s("model", "use_mlock", "bool", False,
@@ -157,11 +177,16 @@ SETTINGS: tuple[Setting, ...] = (
     _s("clients", "cert_cn", "str", None,
        "Subject CN the client's TLS certificate must carry; a stolen token alone is not enough."),
     _s("clients", "cert_sha256", "hex", None,
-       "SHA-256 fingerprint the client's TLS certificate must have (stricter than cert_cn)."),
+       "The one TLS certificate this client must present (stricter than cert_cn): its SHA-256 as issued "
+       "(`cert list` sha256) or of its signed part (tbs sha256); re-encodings of it count as the same."),
     _s("clients", "expires", "date", None,
        "Last day (UTC) the token is accepted, e.g. 2027-03-01; afterwards it gets 401."),
     _s("clients", "rate", "rate", None,
        "Requests allowed per client, e.g. \"60/minute\"; more get 429 with Retry-After."),
+    _s("clients", "token_budget", "rate", None,
+       "Tokens one client may spend, e.g. \"100000/hour\": a request costs its prompt and image tokens plus "
+       "max_tokens (answer tokens it did not use are given back). Bounds cost where `rate` only counts: "
+       "over it, 429 with Retry-After; a request costing more than the whole budget, 413."),
     _s("clients", "max_concurrent", "int", None,
        "Requests one client may have in flight at once; more get 429.", minimum=1),
     _s("clients", "cache", "bool", False,
@@ -184,6 +209,10 @@ EXAMPLES = {
     "server.allow": 'allow = ["192.168.10.0/24"]',
     "server.trusted_proxies": 'trusted_proxies = ["192.168.10.2/32"]',
     "server.revoked": 'revoked = ["3f2a...64 hex digits"]',
+    "server.max_connections": "max_connections = 1000",
+    "server.max_connections_per_source": "max_connections_per_source = 64",
+    "server.handshake_timeout_s": "handshake_timeout_s = 10",
+    "server.refusal_records_per_second": "refusal_records_per_second = 20",
     "model.path": 'path = "/var/lib/qwen-appliance/models/Qwen3-VL-4B-Instruct-Q4_K_M.gguf"',
     "model.mmproj": 'mmproj = "/var/lib/qwen-appliance/models/mmproj-Qwen3-VL-4B-Instruct-F16.gguf"',
     "model.name": 'name = "qwen3-vl-4b"',
@@ -232,6 +261,7 @@ EXAMPLES = {
     "clients.cert_sha256": 'cert_sha256 = "5d41...64 hex digits"',
     "clients.expires": "expires = 2027-03-01",
     "clients.rate": 'rate = "60/minute"',
+    "clients.token_budget": 'token_budget = "100000/hour"',
     "clients.max_concurrent": "max_concurrent = 2",
     "clients.cache": "cache = true",
     "clients.disabled": "disabled = false",
@@ -300,6 +330,7 @@ How a request is judged, in order: the network gate (`[server] allow`, from the 
 `X-Forwarded-For` header counts only from `trusted_proxies`) → the TLS client certificate (verified against
 `client_ca` in the handshake; refused if listed in `revoked`) → the bearer token (selects the client by the
 SHA-256 of the token, compared in constant time) → that client's `disabled`, `expires`, `allow`,
-`cert_cn` / `cert_sha256`, the route's scope → `rate` and `max_concurrent` → the body and image limits.
-Unknown, disabled or expired tokens get 401; the right token from the wrong address or certificate, or
-without the scope, 403; over the rate or concurrency, 429 with `Retry-After`."""
+`cert_cn` / `cert_sha256`, the route's scope → `rate` and `max_concurrent` → the body and image limits →
+`token_budget` (once the prompt is tokenized, beside the engine). Unknown, disabled or expired tokens get
+401; the right token from the wrong address or certificate, or without the scope, 403; over the rate,
+concurrency or token budget, 429 with `Retry-After`."""

@@ -28,6 +28,10 @@ client_cert = "required"   # mutual TLS: no certificate signed by client_ca, no 
 allow = {allow}   # network gate: only these ranges may connect
 trusted_proxies = []       # X-Forwarded-For is ignored unless the peer is listed here
 revoked = []               # SHA-256 fingerprints of client certificates to refuse
+max_connections = 1000     # TCP connections at once (keep below the unit's LimitNOFILE)
+max_connections_per_source = 64
+handshake_timeout_s = 10   # a silent socket is closed after this
+refusal_records_per_second = 20   # per source; the rest are counted and summarised
 
 [model]
 path = {model}

@@ -14,13 +14,13 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomlkit
 
+from . import livepolicy, pki
 from .errors import ConfigError, SetupError
 from .policy import CLIENT_NAME, load_policy
 from .settings import settings_in
@@ -51,7 +51,9 @@ def register(sub: Any) -> None:
     p.add_argument("--expires", metavar="90d|YYYY-MM-DD", help="last day (UTC) the token works")
     p.add_argument("--allow", action="append", metavar="CIDR", help="address range (repeatable)")
     p.add_argument("--cert-cn", metavar="CN", help="client certificate subject CN required")
-    p.add_argument("--cert-sha256", metavar="HEX", help="client certificate fingerprint required")
+    p.add_argument("--cert-sha256", metavar="HEX",
+                   help="client certificate required: its SHA-256 as issued (`cert list` sha256, "
+                   "`openssl x509 -fingerprint -sha256`) or of its signed part (tbs sha256)")
     p.add_argument("--rate", metavar="N/UNIT", help="e.g. 60/minute (second|minute|hour|day)")
     p.add_argument("--max-concurrent", type=int, metavar="N", help="requests in flight at once")
     p.add_argument("--policy", type=Path, required=True)
@@ -143,7 +145,7 @@ def _cert_binding(policy: Path, cn: str | None, sha256: str | None) -> dict[str,
         digest = sha256.strip().lower().replace(":", "")
         if not _HEX64.fullmatch(digest):
             raise ConfigError(policy, "clients.cert_sha256", "must be 64 hex digits (a SHA-256)",
-                              hint="`qwen-appliance cert list CERT` prints it")
+                              hint="`qwen-appliance cert list CERT` prints it (sha256, or tbs sha256)")
         out["cert_sha256"] = digest
     return out
 
@@ -365,43 +367,19 @@ def _commit(policy: Path, old: str, new: str) -> None:
     """Validate the new text, then swap it in atomically with the old file's mode and owner."""
     real = Path(os.path.realpath(policy))
     st = _check_mode(real)
-    fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(new.encode("utf-8"))
-            f.flush()
-            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-            _keep_owner(f.fileno(), st, policy)
-            os.fsync(f.fileno())
+
+    def check(tmp: Path) -> None:
         _validate(tmp, policy)
         if real.read_bytes() != old.encode("utf-8"):
             raise SetupError(f"{policy} changed while this command ran; nothing was written",
                              hint="run the command again")
-        os.replace(tmp, real)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(real.parent)
 
-
-def _keep_owner(fd: int, st: os.stat_result, policy: Path) -> None:
-    """Root editing a service-owned policy must not leave a root-owned file the daemon cannot read."""
-    if (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()):
-        return
     try:
-        os.fchown(fd, st.st_uid, st.st_gid)
-    except PermissionError:
-        raise SetupError(f"{policy}: cannot keep its owner {st.st_uid}:{st.st_gid}",
-                         hint="run as root or as the file's owner") from None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        pki.atomic_write(real, new.encode("utf-8"), stat.S_IMODE(st.st_mode),
+                         owner=(st.st_uid, st.st_gid), check=check)
+    except PermissionError as exc:
+        raise SetupError(f"{policy}: cannot write it with its owner {st.st_uid}:{st.st_gid} kept "
+                         f"({exc.strerror})", hint="run as root or as the file's owner") from None
 
 
 def _edit(policy: Path, old: str, new: str, expected: dict[str, Any]) -> None:
@@ -455,10 +433,42 @@ def _revoke(args: argparse.Namespace) -> int:
     index = names.index(args.name)
     rest = [c for i, c in enumerate(clients) if i != index]
     _edit(policy, text, _remove(text, index), {**doc, "clients": rest})
-    print(f"Revoked client {args.name!r} in {policy}: its token stops working when the daemon "
-          f"reloads.\n{RELOAD_NOTE}\nIts TLS certificate is still signed by the CA; to refuse it as well, "
-          "add its SHA-256 fingerprint (`qwen-appliance cert list`) to [server] revoked.")
+    print(f"Revoked client {args.name!r} in {policy}.", flush=True)
+    print(confirm_in_force(policy))
+    print("Its TLS certificate is still signed by the CA; to refuse it as well: "
+          "`qwen-appliance cert revoke CERT --policy FILE`.")
     return 0
+
+
+def add_revoked(policy: Path, fingerprint: str) -> bool:
+    """Append a fingerprint to [server] revoked (False if already there), written like a token edit."""
+    text = _read(policy)
+    doc = _parse(policy, text)
+    server = doc.get("server")
+    if not isinstance(server, dict):
+        raise ConfigError(policy, "server", "missing [server] table",
+                          hint="pass the policy.toml that `qwen-appliance init` wrote")
+    current = server.get("revoked", [])
+    if not isinstance(current, list) or not all(isinstance(v, str) for v in current):
+        raise ConfigError(policy, "server.revoked", "must be a list of SHA-256 fingerprints",
+                          hint='write it as revoked = ["64 hex digits", ...]')
+    if fingerprint in (v.lower().replace(":", "") for v in current):
+        return False
+    edited = tomlkit.parse(text)
+    table: Any = edited["server"]
+    if "revoked" in table:
+        table["revoked"].append(fingerprint)
+    else:
+        table["revoked"] = [fingerprint]
+    expected = {**doc, "server": {**server, "revoked": [*current, fingerprint]}}
+    _edit(policy, text, tomlkit.dumps(edited), expected)
+    return True
+
+
+def confirm_in_force(policy: Path) -> str:
+    """After an edit: tell a running daemon (SIGHUP) and return once the new file is in force."""
+    written = load_policy(policy)
+    return livepolicy.confirm(policy, written.audit.dir, written.digest)
 
 
 def _summary(client: dict[str, Any], today: dt.date) -> dict[str, Any]:

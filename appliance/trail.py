@@ -1,6 +1,6 @@
 """What the audit trail says about one request: who, from where, what outcome; never the content.
 
-The gate writes a record before a response's first byte (and a completion record at the end of a stream);
+The gate writes a record before a response's first byte (and a completion record before a stream's end);
 with fail_closed, a record that cannot be written turns the response into a 503.
 """
 
@@ -48,6 +48,23 @@ class Trail:
             log.error("audit record %s for request %s LOST (fail_closed = false)", event,
                       fields.get("request_id"))
 
+    async def complete(self, scope: MutableMapping[str, Any], reason: str | None = None) -> bool:
+        """Write a stream's completion record once; False when it could not be (the stream must not end
+        as a success). Never raises, so nothing reaches the ASGI server from here."""
+        state = scope.setdefault("state", {})
+        if not state.get("stream_open"):
+            return True
+        state["stream_open"] = False
+        if reason is not None:
+            state["audit_reason"] = reason
+        try:
+            await self.write("request.complete", **self.request_fields(scope, 200))
+        except AuditUnavailable:
+            log.error("request %s: stream completion record NOT written; the stream ends with an error",
+                      state.get("request_id"))
+            return False
+        return True
+
     def request_fields(self, scope: MutableMapping[str, Any], status: int) -> dict[str, Any]:
         """The content-free facts of a request, from what the gate and the handler left in its state."""
         state = scope.get("state", {})
@@ -57,10 +74,11 @@ class Trail:
         return {
             "request_id": state.get("request_id"),
             "client": caller.client.name if caller is not None and caller.client else None,
+            # SHA-256 of the certificate's signed part (tls.PeerCert.sha256): one value for every encoding
             "cert_sha256": cert["cert_sha256"] if cert else None,
             "source_ip": caller.ip if caller is not None else peer,
             "method": scope.get("method"),
-            "route": str(scope.get("path", ""))[:MAX_ROUTE],
+            "route": _route(scope)[:MAX_ROUTE],
             "status": status,
             "reason": state.get("audit_reason"),
             "duration_ms": round((time.monotonic() - state.get("t0", time.monotonic())) * 1000, 1),
@@ -74,6 +92,12 @@ class Trail:
         return {"model_sha256": model_sha256, "prompt_hmac": self.hmac.text(text),
                 "images": [_image_facts(i) for i in images] or None,
                 "image_hmac": [self.hmac.image(i.source_sha256) for i in images] or None}
+
+
+def _route(scope: MutableMapping[str, Any]) -> str:
+    """The path as the client spelled it (raw bytes, not decoded), so a spelling trick shows."""
+    raw = scope.get("raw_path")
+    return bytes(raw).decode("ascii", "backslashreplace") if raw is not None else str(scope.get("path", ""))
 
 
 def _image_facts(img: RGBImage) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.audit import AuditConfig, AuditLog, list_files
+from appliance.audit import AuditConfig, AuditLog, list_files, load_hmac_key, new_hmac_key
 from appliance.audit_verify import verify
 from appliance.cli import main
 
@@ -23,7 +23,19 @@ class Clock:
         return self.now
 
 
+def key(audit_dir: Path) -> bytes:
+    """The audit key of a trail made by make_log (the file `k` next to the audit folder)."""
+    return load_hmac_key(audit_dir.parent / "k")
+
+
+def make_key(tmp_path: Path) -> None:
+    if not (tmp_path / "k").exists():
+        (tmp_path / "k").write_text(new_hmac_key())
+        (tmp_path / "k").chmod(0o600)
+
+
 def make_log(tmp_path: Path, clock: Clock, rotate: int = 4096, days: int = 30) -> AuditLog:
+    make_key(tmp_path)
     log = AuditLog(AuditConfig(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k",
                                rotate_bytes=rotate, retention_days=days), clock=clock)
     log.open()
@@ -52,7 +64,7 @@ def lines(path: Path) -> list[bytes]:
 
 
 def test_intact_trail_verifies_with_modes(trail: Path) -> None:
-    r = verify(trail, expect_sealed=True)
+    r = verify(trail, key(trail), expect_sealed=True)
     assert r.ok, r.problem
     assert r.files == len(list_files(trail)) and r.records > 120
     assert trail.stat().st_mode & 0o777 == 0o700
@@ -67,7 +79,7 @@ def test_one_edited_byte_is_named(trail: Path) -> None:
     i = data.index(b'"r00')
     data[i + 3] = ord("9")  # r00xx -> r90xx: still valid JSON
     target.write_bytes(bytes(data))
-    r = verify(trail)
+    r = verify(trail, key(trail))
     assert not r.ok and target.name in str(r.problem) and "edited" in str(r.problem)
 
 
@@ -75,14 +87,14 @@ def test_deleted_line_is_named(trail: Path) -> None:
     target = list_files(trail)[2]
     ls = lines(target)
     target.write_bytes(b"".join(ls[:3] + ls[4:]))
-    r = verify(trail)
+    r = verify(trail, key(trail))
     assert not r.ok and f"{target.name} line 4" in str(r.problem) and "missing" in str(r.problem)
 
 
 def test_deleted_middle_file_is_named(trail: Path) -> None:
     files = list_files(trail)
     files[2].unlink()
-    r = verify(trail)
+    r = verify(trail, key(trail))
     assert not r.ok and files[3].name in str(r.problem) and "file deleted" in str(r.problem)
 
 
@@ -91,7 +103,7 @@ def test_reordered_lines_are_named(trail: Path) -> None:
     ls = lines(target)
     ls[4], ls[5] = ls[5], ls[4]
     target.write_bytes(b"".join(ls))
-    r = verify(trail)
+    r = verify(trail, key(trail))
     assert not r.ok and target.name in str(r.problem)
 
 
@@ -100,19 +112,19 @@ def test_dropped_final_lines_are_detected(trail: Path) -> None:
     middle, last = files[1], files[-1]
     original = middle.read_bytes()
     middle.write_bytes(b"".join(lines(middle)[:-2]))
-    r = verify(trail)
+    r = verify(trail, key(trail))
     assert not r.ok and middle.name in str(r.problem) and "seal" in str(r.problem)
     middle.write_bytes(original)
     last.write_bytes(b"".join(lines(last)[:-1]))  # the shutdown seal is gone
-    assert verify(trail).ok and not verify(trail, expect_sealed=True).ok
+    assert verify(trail, key(trail)).ok and not verify(trail, key(trail), expect_sealed=True).ok
 
 
 def test_dropped_seal_of_newest_file(trail: Path) -> None:
     last = list_files(trail)[-1]
     last.write_bytes(b"".join(lines(last)[:-2]))
-    assert verify(trail).ok  # could be a running daemon: reported as a note...
-    assert "not sealed" in " ".join(verify(trail).notes)
-    r = verify(trail, expect_sealed=True)  # ...and as a failure once the daemon is known stopped
+    assert verify(trail, key(trail)).ok  # could be a running daemon: reported as a note...
+    assert "not sealed" in " ".join(verify(trail, key(trail)).notes)
+    r = verify(trail, key(trail), expect_sealed=True)  # ...and a failure once the daemon is known stopped
     assert not r.ok and "not sealed" in str(r.problem)
 
 
@@ -125,13 +137,13 @@ def test_torn_tail_is_repaired_and_recorded(tmp_path: Path) -> None:
     torn = b'{"ts":"2026-11-25T00:00:00.000Z","seq":6,"ev'
     with path.open("ab") as f:
         f.write(torn)
-    assert not verify(tmp_path / "audit").ok
+    assert not verify(tmp_path / "audit", key(tmp_path / "audit")).ok
     log = make_log(tmp_path, clock, rotate=10**9)
     log.close()
     recs = [json.loads(x) for x in path.read_bytes().splitlines()]
     repair = [r for r in recs if r["event"] == "audit.repair"]
     assert repair and repair[0]["bytes_removed"] == len(torn)
-    assert verify(tmp_path / "audit", expect_sealed=True).ok
+    assert verify(tmp_path / "audit", key(tmp_path / "audit"), expect_sealed=True).ok
 
 
 def test_rotation_at_utc_midnight(tmp_path: Path) -> None:
@@ -143,7 +155,7 @@ def test_rotation_at_utc_midnight(tmp_path: Path) -> None:
     log.close()
     files = list_files(tmp_path / "audit")
     assert [f.name.split("-")[2][:8] for f in files] == ["20261118", "20261119"]
-    assert verify(tmp_path / "audit", expect_sealed=True).ok
+    assert verify(tmp_path / "audit", key(tmp_path / "audit"), expect_sealed=True).ok
 
 
 def test_retention_deletes_and_records_and_chain_still_verifies(tmp_path: Path) -> None:
@@ -158,7 +170,7 @@ def test_retention_deletes_and_records_and_chain_still_verifies(tmp_path: Path) 
     assert deleted == [p.name for p in old]
     recs = [json.loads(x) for p in list_files(tmp_path / "audit") for x in p.read_bytes().splitlines()]
     assert [r["file"] for r in recs if r["event"] == "audit.retention_delete"] == deleted
-    r = verify(tmp_path / "audit", expect_sealed=True)
+    r = verify(tmp_path / "audit", key(tmp_path / "audit"), expect_sealed=True)
     assert r.ok, r.problem
     assert any("deleted by retention" in n for n in r.notes)
 
@@ -169,16 +181,17 @@ def test_control_characters_never_reach_the_file(tmp_path: Path) -> None:
     log.write("request", reason="evil\n{\"event\":\"forged\"}\x1b[31m\u2028x", route="/a\rb")
     log.close()
     text = list_files(tmp_path / "audit")[0].read_text()
-    assert "forged" in text and text.count("\n") == 2  # two records: the request and the seal
-    rec = json.loads(text.splitlines()[0])
+    assert "forged" in text and text.count("\n") == 3  # three records: the start, the request, the seal
+    rec = json.loads(text.splitlines()[1])
     assert rec["reason"] == 'evil{"event":"forged"}[31mx' and rec["route"] == "/ab"
 
 
 def test_verify_cli_exit_codes(trail: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["audit", "verify", str(trail), "--expect-sealed"]) == 0
+    k = str(trail.parent / "k")
+    assert main(["audit", "verify", str(trail), "--key", k, "--expect-sealed"]) == 0
     assert "OK" in capsys.readouterr().out
     list_files(trail)[1].unlink()
-    assert main(["audit", "verify", str(trail)]) == 2
+    assert main(["audit", "verify", str(trail), "--key", k]) == 2
     assert "BROKEN" in capsys.readouterr().err
 
 
@@ -190,20 +203,22 @@ def test_records_are_forwarded_to_a_local_socket(tmp_path: Path, kind: str) -> N
     sink.bind(str(sink_path))
     sink.settimeout(5)
     clock = Clock()
+    make_key(tmp_path)
     log = AuditLog(AuditConfig(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k", forward=kind,
                                forward_socket=sink_path), clock=clock)
     log.open()
     log.write("request", request_id="abc", client="teller-03", status=401, reason="authentication_error")
+    assert '"event":"audit.start"' in sink.recv(65536).decode()  # the start is forwarded too
     got = sink.recv(65536).decode()
-    line = list_files(tmp_path / "audit")[0].read_text().splitlines()[0]
+    line = list_files(tmp_path / "audit")[0].read_text().splitlines()[1]  # after audit.start
     assert line in got  # the very same JSON record, for the SIEM to verify the chain too
     if kind == "journald":
         assert "SYSLOG_IDENTIFIER=qwen-appliance-audit\n" in got and "QWA_STATUS=401\n" in got
         assert "PRIORITY=5\n" in got
     else:
-        assert got.startswith("<134>1 ") and '[qwa@32473 event="request" seq="1" status="401"' in got
+        assert got.startswith("<134>1 ") and '[qwa@32473 event="request" seq="2" status="401"' in got
     sink.close()
     log.write("request", request_id="def", status=200)  # a missing listener never fails the record
     assert log.forwarder is not None and log.forwarder.dropped == 1
     log.close()
-    assert verify(tmp_path / "audit", expect_sealed=True).ok
+    assert verify(tmp_path / "audit", key(tmp_path / "audit"), expect_sealed=True).ok

@@ -20,7 +20,7 @@ from conftest import ROOT, Daemon, DaemonFactory, TinyModel, data_uri, free_port
 from PIL import Image, PngImagePlugin
 from test_lifecycle import run_cli, wait_for
 
-from appliance.audit import list_files
+from appliance.audit import list_files, load_hmac_key
 from appliance.audit_verify import verify
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
@@ -29,6 +29,10 @@ CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 def records(d: Daemon) -> list[dict[str, Any]]:
     audit = d.setup.policy.parent / "audit"
     return [json.loads(line) for p in list_files(audit) for line in p.read_bytes().splitlines()]
+
+
+def audit_key(d: Daemon) -> bytes:
+    return load_hmac_key(d.setup.policy.parent / "audit.key")
 
 
 def by_request(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -62,8 +66,9 @@ def test_every_request_and_refusal_is_recorded(daemon_factory: DaemonFactory) ->
     refused = [r for r in recs if r.get("status") == 401]
     assert refused and refused[0]["reason"].startswith("authentication_error")
     events = [r["event"] for r in recs]
-    assert events[:2] == ["daemon.start", "model.load"] and events[-2:] == ["daemon.stop", "audit.seal"]
-    assert verify(d.setup.policy.parent / "audit", expect_sealed=True).ok
+    assert events[:3] == ["audit.start", "daemon.start", "model.load"]
+    assert events[-2:] == ["daemon.stop", "audit.seal"]
+    assert verify(d.setup.policy.parent / "audit", audit_key(d), expect_sealed=True).ok
 
 
 def png_with_text(marker: str) -> bytes:
@@ -140,7 +145,7 @@ def test_full_disk_refuses_then_recovers(daemon_factory: DaemonFactory) -> None:
         ok.append(r.headers["x-request-id"])
     assert d.stop() == 0
     assert ok[0] in by_request(records(d))
-    assert verify(d.setup.policy.parent / "audit", expect_sealed=True).ok
+    assert verify(d.setup.policy.parent / "audit", audit_key(d), expect_sealed=True).ok
     # (the "NOT writable" line itself is lost: the file-size limit also stops the daemon's own log file)
     assert "audit trail writable again" in d.log()
 
@@ -188,11 +193,11 @@ def test_sigkill_at_random_moments_keeps_the_chain(tmp_path: Path, tiny_model: T
             with list_files(audit_dir)[-1].open("ab") as f:
                 f.write(b'{"ts":"2026-11-25T00:00:00.000Z","seq":99999,"event":"requ')
             continue
-        r = verify(audit_dir)
+        r = verify(audit_dir, load_hmac_key(setup.policy.parent / "audit.key"))
         assert r.ok, (cycle, r.problem)
     d = start_daemon(setup, port, tmp_path / "final.log")
     d.stop()
-    r = verify(audit_dir, expect_sealed=True)
+    r = verify(audit_dir, load_hmac_key(setup.policy.parent / "audit.key"), expect_sealed=True)
     assert r.ok, r.problem
     recs = [json.loads(x) for p in list_files(audit_dir) for x in p.read_bytes().splitlines()]
     logged = {x.get("request_id") for x in recs}

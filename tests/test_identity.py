@@ -109,7 +109,7 @@ def test_client_address_ranges_and_forwarded_for_spoofing(gated: Gated) -> None:
 def test_scope_expiry_disabled(gated: Gated) -> None:
     refused(gated.post("alice", cert="alice", path="/v1/models"), 403, "'models' scope")
     assert gated.post("tester", path="/v1/models").status_code == 200
-    refused(gated.post("dave"), 401, "expired on 2020-01-01")
+    refused(gated.post("dave"), 401, "valid bearer token")  # expired looks alike (issue 11)
     refused(gated.post("erin"), 401, "valid bearer token")
     unknown = gated.post("qwa_unknown")
     refused(unknown, 401, "valid bearer token")

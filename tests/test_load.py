@@ -21,7 +21,7 @@ import pytest
 from conftest import Daemon, DaemonFactory, png_bytes
 from test_lifecycle import wait_for
 
-from appliance.audit import list_files
+from appliance.audit import list_files, load_hmac_key
 from appliance.audit_verify import verify
 
 pytestmark = pytest.mark.slow
@@ -146,5 +146,5 @@ def test_eight_clients_for_two_minutes(daemon_factory: DaemonFactory) -> None:
     audit = d.setup.policy.parent / "audit"
     missing = set(warm.acknowledged + tally.acknowledged) - audited_ids(audit)
     assert not missing, f"{len(missing)} acknowledged requests are not in the audit trail"
-    assert verify(audit, expect_sealed=True).ok
+    assert verify(audit, load_hmac_key(d.setup.policy.parent / "audit.key"), expect_sealed=True).ok
     assert "Traceback" not in d.log()
