@@ -11,7 +11,6 @@ import errno
 import hashlib
 import ipaddress
 import os
-import pwd
 import re
 import stat
 import sys
@@ -451,19 +450,27 @@ SERVICE_USER = "qwen-appliance"  # the packaged daemon's account (systemd/qwen-a
 _MAX_LINKS = 40
 
 
+def _local_users() -> dict[int, str]:
+    """uid → name from /etc/passwd itself: NSS (nscd, LDAP) would open sockets from the daemon."""
+    users: dict[int, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/passwd").read_text(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[2].isdigit():
+                users.setdefault(int(fields[2]), fields[0])
+    return users
+
+
 def trusted_owners() -> frozenset[int]:
     """Who may own a trusted file or folder: root, this process's user, and the service account."""
     uids = {0, os.geteuid()}
-    with contextlib.suppress(KeyError):
-        uids.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    uids.update(uid for uid, name in _local_users().items() if name == SERVICE_USER)
     return frozenset(uids)
 
 
 def _owner_name(uid: int) -> str:
-    try:
-        return f"{uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
-        return str(uid)
+    name = _local_users().get(uid)
+    return f"{uid} ({name})" if name else str(uid)
 
 
 def _walk(path: Path, links: list[int]) -> tuple[Path, list[tuple[Path, os.stat_result]]]:

@@ -146,6 +146,7 @@ def _system_python() -> str | None:
 class Staged:
     root: Path
     uid: int | None  # the service user's uid where make install could chown, else None
+    prefix: tuple[str, ...] = ()  # runs a command where that user exists (as on the branch box)
 
 
 def _namespace_with_user(work: Path) -> tuple[list[str], int | None]:
@@ -176,7 +177,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Staged]:
            *([f"PYTHON={python}"] if python else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    yield Staged(dest, uid)
+    yield Staged(dest, uid, tuple(prefix))
 
 
 def _mode(path: Path) -> int:
@@ -213,8 +214,8 @@ def test_install_config_modes_pass_the_daemons_own_checks(staged: Staged) -> Non
         assert _mode(conf / rel) == mode, rel
     assert 'dir = "/var/log/qwen-appliance"' in (conf / "policy.toml").read_text()
     # `policy check` runs every start-up check but the model load: only the absent model files may fail.
-    proc = _run(staged.root / "opt/qwen-appliance/.venv/bin/python", "-m", "appliance", "policy", "check",
-                conf / "policy.toml")
+    proc = _run(*staged.prefix, staged.root / "opt/qwen-appliance/.venv/bin/python", "-m", "appliance", "policy",
+                "check", conf / "policy.toml")
     problems = proc.stdout.strip().splitlines() + proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and problems, problems
     assert all("[model.path]: file not found" in p or "[model.mmproj]: file not found" in p
