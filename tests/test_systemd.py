@@ -214,8 +214,8 @@ def test_install_config_modes_pass_the_daemons_own_checks(staged: Staged) -> Non
         assert _mode(conf / rel) == mode, rel
     assert 'dir = "/var/log/qwen-appliance"' in (conf / "policy.toml").read_text()
     # `policy check` runs every start-up check but the model load: only the absent model files may fail.
-    proc = _run(*staged.prefix, staged.root / "opt/qwen-appliance/.venv/bin/python", "-m", "appliance", "policy",
-                "check", conf / "policy.toml")
+    python = staged.root / "opt/qwen-appliance/.venv/bin/python"
+    proc = _run(*staged.prefix, python, "-m", "appliance", "policy", "check", conf / "policy.toml")
     problems = proc.stdout.strip().splitlines() + proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and problems, problems
     assert all("[model.path]: file not found" in p or "[model.mmproj]: file not found" in p
