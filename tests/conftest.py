@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from appliance.setup import InitResult, init
+from appliance.admin.init import InitResult, init
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -147,7 +147,7 @@ def issue_client_cert(setup: InitResult, cn: str, **validity: Any) -> tuple[Path
 
     from cryptography.hazmat.primitives import serialization
 
-    from appliance import pki
+    from appliance.security import pki
     tls = setup.policy.parent / "tls"
     ca = pki.load(tls / "ca.crt", tls / "ca.key")
     issued = pki.new_client_cert(ca, cn, **validity)
@@ -159,7 +159,7 @@ def issue_client_cert(setup: InitResult, cn: str, **validity: Any) -> tuple[Path
 
 def add_client(policy: Path, name: str, scopes: tuple[str, ...] = ("chat",), **keys: str) -> str:
     """Append a [[clients]] table (values are TOML literals) and return the new token."""
-    from appliance.tokens import new_token, token_digest
+    from appliance.security.tokens import new_token, token_digest
     token = new_token()
     lines = ["", "[[clients]]", f'name = "{name}"', f'token_sha256 = "{token_digest(token)}"',
              "scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]"]

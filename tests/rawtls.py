@@ -12,7 +12,7 @@ from typing import Any
 
 from conftest import Daemon
 
-from appliance.gate import SECURITY_HEADERS
+from appliance.security.gate import SECURITY_HEADERS
 
 REFUSED = -1  # no HTTP answer: the handshake failed, or the server closed or reset the connection
 Cert = tuple[Path, Path]

@@ -21,14 +21,14 @@ from conftest import png_bytes
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from appliance.audit import AuditConfig, AuditLog, list_files, load_hmac_key, new_hmac_key
-from appliance.audit_verify import verify
+from appliance.audit.log import AuditConfig, AuditLog, list_files, load_hmac_key, new_hmac_key
+from appliance.audit.verify import verify
+from appliance.config.policy import Client, Policy, load_policy
+from appliance.config.settings import SETTINGS
 from appliance.errors import ClientError, ConfigError, Forbidden, Unauthorized
-from appliance.identity import Caller, identify, network_gate, source_ip
-from appliance.images import ImageLimits, decode, from_api_field, from_image_url
-from appliance.policy import Client, Policy, load_policy
-from appliance.settings import SETTINGS
-from appliance.tokens import find_client, new_token, token_digest
+from appliance.security.identity import Caller, identify, network_gate, source_ip
+from appliance.security.tokens import find_client, new_token, token_digest
+from appliance.web.images import ImageLimits, decode, from_api_field, from_image_url
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -48,7 +48,7 @@ POLICY_KEYS = [(s.section, s.key) for s in SETTINGS]
 
 @pytest.fixture(scope="module")
 def policy_text(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    from appliance.setup import init
+    from appliance.admin.init import init
     root = tmp_path_factory.mktemp("policy")
     result = init(root / "s", listen="127.0.0.1:9443", model=root / "m.gguf", mmproj=root / "p.gguf",
                   client="tester")
