@@ -1,6 +1,7 @@
-"""One error hierarchy: every failure the appliance reports, to an admin or to a client.
+"""One error hierarchy, one root: every failure the appliance reports, to an admin or to a client.
 
-Admin-facing errors name the file, the key and a hint; client-facing errors carry an HTTP status and a
+Admin-facing errors name the file, the key and a hint; service errors are conditions of the running daemon
+(this request or record cannot be served now); client-facing errors carry an HTTP status, an error type and a
 message that is safe to show (never exception text, paths outside data_dir, or which tokens exist).
 """
 
@@ -44,6 +45,35 @@ class ConfigError(SetupError):
         self.key = key
 
 
+class PolicyInvalid(ConfigError):
+    """Every problem found in one policy file; `errors` lists them, the message shows them all."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.file, first.key, first.message.split(": ", 2)[-1], hint=first.hint)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        if len(self.errors) == 1:
+            return str(self.errors[0])
+        return f"{len(self.errors)} problems:\n" + "\n".join(f"  {e}" for e in self.errors)
+
+
+class Problems:
+    """Gathers ConfigErrors for one file instead of stopping at the first, so all are reported at once."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.errors: list[ConfigError] = []
+
+    def add(self, key: str | None, message: str, hint: str | None = None) -> None:
+        self.errors.append(ConfigError(self.file, key, message, hint=hint))
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise PolicyInvalid(self.errors)
+
+
 class ModelLoadError(SetupError):
     """The model or projector file is missing, corrupt, mismatched or refused by llama.cpp."""
 
@@ -52,7 +82,14 @@ class TLSSetupError(SetupError):
     """Certificates or keys that cannot be loaded into the TLS context."""
 
 
-# --- client-facing: one class per HTTP status ------------------------------------------------------
+# --- the running service: a condition of this moment, not a set-up mistake ------------------------
+
+
+class ServiceError(ApplianceError):
+    """The daemon cannot do this now (e.g. make a record durable); per request, never a reason to exit 2."""
+
+
+# --- client-facing: one class per HTTP status, each with its error type -----------------------------
 
 
 class ClientError(ApplianceError):
@@ -60,6 +97,7 @@ class ClientError(ApplianceError):
 
     status = 400
     type = "invalid_request_error"
+    sent = True  # False: the type is audited but no client ever receives it
     detail: str | None = None  # for the audit record and the server log only, never sent to the client
 
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
@@ -69,7 +107,6 @@ class ClientError(ApplianceError):
 
 class BadRequest(ClientError):
     status = 400
-    type = "invalid_request_error"
 
 
 class Unauthorized(ClientError):
@@ -91,7 +128,6 @@ class MethodNotAllowed(ClientError):
     """405; RFC 9110 wants the route's methods named in `Allow`."""
 
     status = 405
-    type = "invalid_request_error"
 
     def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
         super().__init__(message)
@@ -107,7 +143,7 @@ class HeaderFieldsTooLarge(ClientError):
     """431: the request line and headers together are over the server's limit."""
 
     status = 431
-    type = "request_too_large"
+    type = PayloadTooLarge.type
 
 
 class UnsupportedMediaType(ClientError):
@@ -117,7 +153,6 @@ class UnsupportedMediaType(ClientError):
 
 class Unprocessable(ClientError):
     status = 422
-    type = "invalid_request_error"
 
 
 class TooManyRequests(ClientError):
@@ -130,8 +165,36 @@ class ClientClosedRequest(ClientError):
 
     status = 499
     type = "client_closed_request"
+    sent = False
 
 
 class ServiceUnavailable(ClientError):
     status = 503
     type = "overloaded_error"
+
+
+INTERNAL_ERROR = "internal_error"  # a 500: the client learns only the request id
+
+
+def _refusals() -> list[type[ClientError]]:
+    """Every refusal class, in declaration order (ClientError itself is the 400 fallback)."""
+    out: list[type[ClientError]] = []
+    todo: list[type[ClientError]] = [ClientError]
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo += cls.__subclasses__()
+    return out
+
+
+def error_type(status: int) -> str:
+    """The error type a client receives with this HTTP status (also for errors the framework renders)."""
+    if status >= 500 and status != ServiceUnavailable.status:
+        return INTERNAL_ERROR
+    return next((c.type for c in _refusals() if c.status == status), ClientError.type)
+
+
+def client_error_types() -> list[str]:
+    """Every error type a client can receive, once each, in declaration order (the OpenAPI enum)."""
+    types = [c.type for c in _refusals() if c.sent] + [INTERNAL_ERROR]
+    return list(dict.fromkeys(types))

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import ROOT, Daemon
 
 from appliance.audit.log import list_files
@@ -36,10 +38,20 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
                           text=True, timeout=timeout, cwd=ROOT)
 
 
+def cli_main(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    """`qwen-appliance ARGV` in this process (appliance.admin.cli.main): exit code, stdout, stderr."""
+    from appliance.admin.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def records(d: Daemon) -> list[dict[str, Any]]:
     """Every record of a test daemon's audit trail, in file order."""
     audit = d.setup.policy.parent / "audit"
-    return [json.loads(line) for p in list_files(audit) for line in p.read_bytes().splitlines()]
+    return [json.loads(line) for p in list_files(audit) for line in p.read_bytes().splitlines()
+            if line.strip()]
 
 
 def by_request(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -122,15 +122,6 @@ def served_cert(d: Daemon) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def audit_records(d: Daemon) -> list[dict[str, Any]]:
-    """Every record of the daemon's trail, in order."""
-    folder = d.setup.policy.parent / "audit"
-    out = []
-    for path in sorted(folder.glob("audit-*.jsonl")):
-        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return out
-
-
 def has_security_headers(reply: Reply) -> bool:
     return all(reply.headers.get(n.decode()) == v.decode() for n, v in SECURITY_HEADERS) and bool(
         reply.headers.get("x-request-id")

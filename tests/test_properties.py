@@ -21,9 +21,10 @@ from conftest import png_bytes
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from appliance.audit.log import AuditConfig, AuditLog, list_files, load_hmac_key, new_hmac_key
+from appliance.audit.log import AuditLog, list_files, load_hmac_key, new_hmac_key
 from appliance.audit.verify import verify
-from appliance.config.policy import Client, Policy, load_policy
+from appliance.config.load import load_policy
+from appliance.config.policy import AuditPolicy, Client, Policy
 from appliance.config.settings import SETTINGS
 from appliance.errors import ClientError, ConfigError, Forbidden, Unauthorized
 from appliance.security.identity import Caller, identify, network_gate, source_ip
@@ -231,8 +232,8 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "audit.key").write_text(new_hmac_key())
     (root / "audit.key").chmod(0o600)
     clock = iter(range(1_800_000_000, 1_800_000_000 + 10**6, 10))
-    log = AuditLog(AuditConfig(dir=root / "audit", hmac_key_file=root / "audit.key", rotate_bytes=1500),
-                   clock=lambda: float(next(clock)))
+    log = AuditLog(AuditPolicy.with_defaults(dir=root / "audit", hmac_key_file=root / "audit.key",
+                                             rotate_bytes=1500), clock=lambda: float(next(clock)))
     log.open()
     for i in range(24):
         log.write("request", request_id=f"{i:024x}", client="tester", status=200, route="/v1/models")

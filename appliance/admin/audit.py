@@ -10,9 +10,9 @@ from typing import Any
 
 from appliance.audit.log import Hmac, load_hmac_key, new_hmac_key
 from appliance.audit.verify import Expect, parse_through, verify
-from appliance.config.policy import load_policy
+from appliance.config.load import load_policy
 from appliance.errors import SetupError
-from appliance.security.pki import write_secret
+from appliance.files import write_secret
 
 
 def register(sub: Any) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
-from appliance.admin import token as tokenadmin
-from appliance.config.policy import CLIENT_NAME
+from appliance import files
+from appliance.config import edit
+from appliance.config.load import CLIENT_NAME
 from appliance.errors import SetupError
-from appliance.security import pki
+from appliance.security import certfacts, pki
 
 P12_PASSWORD_ENV = "QWEN_APPLIANCE_P12_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 WARN_DAYS = 30
@@ -185,8 +185,9 @@ def _server(args: argparse.Namespace) -> int:
     _mkdir(args.out)
     pki.save(issued, crt, key)
     _warn_outlives(issued.cert, ca.cert)
+    sans = ", ".join(certfacts.facts(issued.cert).labelled_sans)
     print(f"Issued server certificate, valid until {_not_after(issued.cert)}\n  certificate  {crt}\n"
-          f"  key          {key} (0600)\n  SANs         {', '.join(_sans(issued.cert))}\n"
+          f"  key          {key} (0600)\n  SANs         {sans}\n"
           f"  sha256       {pki.fingerprint(issued.cert)}\n"
           "Point [server] tls_cert and tls_key at them; a running daemon loads them on reload "
           "(`systemctl reload qwen-appliance`).")
@@ -206,7 +207,7 @@ def _client(args: argparse.Namespace) -> int:
     issued = pki.new_client_cert(ca, args.name, days=args.days)
     _mkdir(out)
     pki.save(issued, crt, key)
-    pki.write_public(out / "ca.crt", (args.ca_dir / "ca.crt").read_bytes())
+    files.write_public(out / "ca.crt", (args.ca_dir / "ca.crt").read_bytes())
     fp = pki.fingerprint(issued.cert)
     _warn_outlives(issued.cert, ca.cert)
     print(f"Issued client certificate {args.name!r}, valid until {_not_after(issued.cert)}\n"
@@ -224,7 +225,7 @@ def _write_p12(path: Path, issued: pki.Issued, ca_cert: x509.Certificate, name: 
     """PKCS#12 for browsers; a generated password is printed once, an env-supplied one never."""
     from_env = os.environ.get(P12_PASSWORD_ENV, "")
     password = from_env or secrets.token_urlsafe(12)
-    pki.write_secret(path, pki.pkcs12_bytes(issued, ca_cert, name, password))
+    files.write_secret(path, pki.pkcs12_bytes(issued, ca_cert, name, password))
     shown = f"from ${P12_PASSWORD_ENV}" if from_env else password
     print(f"  PKCS#12      {path} (0600, AES-256)\n  password     {shown}")
     if not from_env:
@@ -256,10 +257,10 @@ def _revoked_fingerprint(args: argparse.Namespace) -> tuple[str, str]:
 def _revoke(args: argparse.Namespace) -> int:
     """Written and confirmed the way `token revoke` is: atomically, then SIGHUP and wait for the daemon."""
     fingerprint, what = _revoked_fingerprint(args)
-    added = tokenadmin.add_revoked(args.policy, fingerprint)
+    added = edit.add_revoked(args.policy, fingerprint)
     print(f"{'Revoked' if added else 'Already revoked:'} certificate {what} in {args.policy} "
           "([server] revoked).", flush=True)
-    print(tokenadmin.confirm_in_force(args.policy))
+    print(edit.confirm_in_force(args.policy))
     print("A token bound to nothing else still works with another valid certificate: "
           "`qwen-appliance token revoke NAME` as well if the key may be copied.")
     return 0
@@ -290,26 +291,17 @@ class CertInfo:
 
 
 def _cn(name: x509.Name) -> str:
-    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(cns[0].value) if cns else name.rfc4514_string()
-
-
-def _sans(cert: x509.Certificate) -> list[str]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [f"DNS:{v}" for v in ext.get_values_for_type(x509.DNSName)] + \
-        [f"IP:{v}" for v in ext.get_values_for_type(x509.IPAddress)]
+    return certfacts.common_name(name) or name.rfc4514_string()
 
 
 def describe(path: Path, cert: x509.Certificate, now: dt.datetime | None = None) -> CertInfo:
     """Expiry status: EXPIRED when past, WARNING when fewer than 30 days remain."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    left = cert.not_valid_after_utc - now
+    claims = certfacts.facts(cert)
+    left = claims.left(now)
     status = ("EXPIRED" if left.total_seconds() <= 0 else "NOT YET VALID"
-              if cert.not_valid_before_utc > now else "WARNING" if left.days < WARN_DAYS else "OK")
-    return CertInfo(path, _cn(cert.subject), _sans(cert), _cn(cert.issuer), cert.not_valid_after_utc,
+              if claims.not_before > now else "WARNING" if left.days < WARN_DAYS else "OK")
+    return CertInfo(path, _cn(cert.subject), claims.labelled_sans, _cn(cert.issuer), claims.not_after,
                     left.days, pki.fingerprint(cert), status, pki.signed_fingerprint(cert))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +16,9 @@ from appliance.admin import cert as certadmin
 from appliance.admin import model as modeladmin
 from appliance.admin import token as tokenadmin
 from appliance.client import ask as client
-from appliance.config.policy import check_file_modes, load_policy
+from appliance.config.load import load_policy
 from appliance.config.settings import describe, markdown
+from appliance.config.trusted import check_file_modes
 from appliance.errors import ApplianceError
 
 
@@ -139,7 +142,20 @@ def _settings(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; a reader that goes away (`| head`) ends it quietly, as SIGPIPE ends other tools."""
+    try:
+        try:
+            args = _parser().parse_args(argv)  # --help and --version print, then exit
+        finally:
+            sys.stdout.flush()
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in Python's own flush at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args))
     except ApplianceError as exc:
@@ -147,6 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again; exit 128 + SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in tests): nothing to flush
+        pass
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

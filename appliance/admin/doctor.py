@@ -7,7 +7,6 @@ the doctor itself never crashes on a broken box.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import socket
 import tempfile
 from collections.abc import Callable
@@ -15,7 +14,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from appliance.config.policy import Policy, check_file_modes, load_policy
+from appliance import files
+from appliance.config.load import load_policy
+from appliance.config.policy import Policy
+from appliance.config.trusted import check_file_modes
 from appliance.errors import ApplianceError
 
 PASS, WARN, FAIL = "pass", "warn", "FAIL"
@@ -70,18 +72,11 @@ def _modes(policy: Policy) -> Result:
 
 
 def _certificates(policy: Policy) -> Result:
-    from cryptography import x509
-
+    from appliance.security import certfacts
     from appliance.security.tls import server_context
     server_context(policy.server)  # key matches certificate, CA loads
-    cert = x509.load_pem_x509_certificate(policy.server.tls_cert.read_bytes())
-    days = (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).days
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n) for n in sans.get_values_for_type(x509.DNSName)] + [
-            str(n) for n in sans.get_values_for_type(x509.IPAddress)]
-    except x509.ExtensionNotFound:
-        names = []
+    claims = certfacts.pem_facts(policy.server.tls_cert)
+    days, names = claims.days_left(), list(claims.sans)
     host = policy.server.host
     detail = f"server certificate valid {days} more days; SANs {', '.join(names) or 'none'}"
     if days < 0:
@@ -104,8 +99,7 @@ def _models(policy: Policy, hash_models: bool) -> Result:
         if not path.is_file():
             return FAIL, f"{path} not found", "copy the GGUF there or `qwen-appliance model import`"
         if pin and hash_models:
-            with path.open("rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            digest = files.sha256_file(path)
             if digest != pin.lower():
                 return FAIL, f"{path}: SHA-256 differs from [model] {key}", "re-copy the file"
             notes.append(f"{path.name} matches its pinned SHA-256")
@@ -147,7 +141,7 @@ def _port(policy: Policy) -> Result:
 
 
 def _build() -> Result:
-    from appliance.engine.batch import describe_build
+    from appliance.engine.loader import describe_build
     info = describe_build()
     system = str(info["system_info"])
     gpu = bool(info["gpu_offload_supported"])

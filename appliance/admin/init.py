@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -10,6 +9,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import files
 from appliance.audit.log import new_hmac_key
 from appliance.errors import SetupError
 from appliance.security import pki
@@ -112,15 +112,15 @@ def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = N
              directory / "tls/server.key")
     bundle = directory / "clients" / client
     pki.save(pki.new_client_cert(ca, client), bundle / "client.crt", bundle / "client.key")
-    pki.write_public(bundle / "ca.crt", pki.cert_pem(ca.cert))
+    files.write_public(bundle / "ca.crt", pki.cert_pem(ca.cert))
     (directory / "data").mkdir(exist_ok=True)
     if not (directory / "audit.key").exists() or force:
-        pki.write_secret(directory / "audit.key", new_hmac_key().encode())
+        files.write_secret(directory / "audit.key", new_hmac_key().encode())
     token = new_token()
     if token_file is not None:
-        pki.write_secret(token_file, token.encode() + b"\n")
+        files.write_secret(token_file, token.encode() + b"\n")
     ranges = ["127.0.0.0/8", "::1/128", *(allow or [])]
-    pki.write_public(policy_path, _policy_text(directory, listen, model, mmproj, client,
+    files.write_public(policy_path, _policy_text(directory, listen, model, mmproj, client,
                                                token, ranges).encode())
     return InitResult(policy=policy_path.resolve(), url=_url(listen, host), token=token,
                       ca_cert=(bundle / "ca.crt").resolve(),
@@ -132,20 +132,15 @@ def _policy_text(directory: Path, listen: str, model: Path | None, mmproj: Path 
                  client: str, token: str, allow: list[str]) -> str:
     model_s = json.dumps(_rel(model, directory) if model else "models/model.gguf")
     if model is not None and model.is_file():
-        model_s += f'\nsha256 = "{_sha256(model)}"'  # pinned: a different file is refused at start
+        model_s += f'\nsha256 = "{files.sha256_file(model)}"'  # pinned: a different file is refused at start
     mmproj_line = f"mmproj = {json.dumps(_rel(mmproj, directory))}" if mmproj else \
         '# mmproj = "models/mmproj.gguf"   # without it, images are refused'
     if mmproj is not None and mmproj.is_file():
-        mmproj_line += f'\nmmproj_sha256 = "{_sha256(mmproj)}"'
+        mmproj_line += f'\nmmproj_sha256 = "{files.sha256_file(mmproj)}"'
     return POLICY_TEMPLATE.format(listen=json.dumps(listen), model=model_s,
                                   mmproj_line=mmproj_line, data_dir='"data"',
                                   client=json.dumps(client), allow=json.dumps(allow),
                                   token_sha256=token_digest(token))
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _url(listen: str, host: str) -> str:

@@ -17,15 +17,16 @@ import logging
 import os
 import re
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError, SetupError
+from appliance.audit.forward import Forwarder
+from appliance.config.policy import AuditPolicy
+from appliance.errors import ConfigError, ServiceError
+from appliance.text import strip_control_deep
 
 log = logging.getLogger("appliance.audit.log")
 
@@ -34,28 +35,12 @@ FILE_RE = re.compile(r"^audit-(\d{12})-(\d{8}T\d{6}Z)\.jsonl$")
 FIELD_ORDER = ("ts", "seq", "event", "request_id", "client", "cert_sha256", "source_ip", "method",
                "route", "status", "reason", "model_sha256", "prompt_tokens", "completion_tokens",
                "images", "prompt_hmac", "image_hmac", "duration_ms", "queue_ms")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 MAC_SUFFIX = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
 CHAIN_LABEL = b"qwen-appliance audit chain v1"
 
 
-class AuditUnavailable(SetupError):
-    """A record could not be made durable; with fail_closed the request must not be answered."""
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """The [audit] keys of the policy."""
-
-    dir: Path
-    hmac_key_file: Path
-    fsync: str = "always"  # "always" | "interval"
-    fsync_interval_ms: int = 1000
-    rotate_bytes: int = 100_000_000
-    retention_days: int = 30
-    fail_closed: bool = True
-    forward: str = "none"  # "none" | "journald" | "syslog"
-    forward_socket: Path | None = None
+class AuditUnavailable(ServiceError):
+    """A record could not be made durable now; with fail_closed the request must not be answered (503)."""
 
 
 def line_hash(line: bytes) -> str:
@@ -86,17 +71,6 @@ def link_of(line: bytes) -> str:
     """What the next record's `prev` holds: the line's MAC, or its SHA-256 for a legacy line."""
     parts = split_mac(line)
     return parts[1] if parts is not None else line_hash(line)
-
-
-def clean(value: Any) -> Any:
-    """Strip control characters from every string, at any depth (no log injection)."""
-    if isinstance(value, str):
-        return _CONTROL.sub("", value)
-    if isinstance(value, dict):
-        return {clean(k): clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean(v) for v in value]
-    return value
 
 
 def load_hmac_key(path: Path) -> bytes:
@@ -142,7 +116,7 @@ class Hmac:
 class AuditLog:
     """Appends records under one lock: one write and (by default) one fsync per record."""
 
-    def __init__(self, cfg: AuditConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: AuditPolicy, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
         self._key = chain_key(load_hmac_key(cfg.hmac_key_file))
@@ -235,7 +209,7 @@ class AuditLog:
         record.update({k: extra.pop(k) for k in FIELD_ORDER if k in extra})
         record.update(sorted(extra.items()))
         record["prev"] = self._prev
-        record = clean(record)
+        record = strip_control_deep(record)  # no log injection
         body = json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode()
         line, record["mac"] = seal_line(self._key, body)
         self._write_all(line + b"\n")
@@ -332,55 +306,6 @@ class AuditLog:
             path.unlink()
             deleted.append(path.name)
         return deleted
-
-
-FORWARD_SOCKETS = {"journald": Path("/run/systemd/journal/socket"), "syslog": Path("/dev/log")}
-
-
-class Forwarder:
-    """Copies each durable record to the local journald or syslog socket (AF_UNIX datagrams only).
-
-    The local file stays the source of truth: a forwarding failure is logged, never fails a request.
-    """
-
-    def __init__(self, kind: str, path: Path | None) -> None:
-        self.kind = kind
-        self.path = path or FORWARD_SOCKETS[kind]
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sent = self.dropped = 0
-        self._warned = 0.0
-
-    def send(self, record: dict[str, Any], line: bytes) -> None:
-        payload = self._journald(record, line) if self.kind == "journald" else self._syslog(record, line)
-        try:
-            self.sock.sendto(payload, str(self.path))
-            self.sent += 1
-        except OSError as exc:
-            self.dropped += 1
-            if time.monotonic() - self._warned > 60:
-                self._warned = time.monotonic()
-                log.warning("audit forwarding to %s failed (%s); %d records not forwarded so far",
-                            self.path, exc.strerror, self.dropped)
-
-    @staticmethod
-    def _journald(record: dict[str, Any], line: bytes) -> bytes:
-        """journald's native protocol: KEY=value lines; the JSON record is the MESSAGE."""
-        status = record.get("status")
-        fields = {"MESSAGE": line.rstrip(b"\n").decode(), "SYSLOG_IDENTIFIER": "qwen-appliance-audit",
-                  "PRIORITY": "5" if isinstance(status, int) and status >= 400 else "6"}
-        for key in ("event", "seq", "request_id", "client", "source_ip", "status", "prev"):
-            if record.get(key) is not None:
-                fields[f"QWA_{key.upper()}"] = str(record[key])
-        return "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
-
-    @staticmethod
-    def _syslog(record: dict[str, Any], line: bytes) -> bytes:
-        """RFC 5424 (local0.info) with the JSON record as the message and key facts as structured data."""
-        sd = " ".join(f'{k}="{record[k]}"' for k in ("event", "seq", "status", "client")
-                      if record.get(k) is not None)
-        head = (f"<134>1 {record['ts']} {socket.gethostname()} qwen-appliance-audit {os.getpid()} "
-                f"AUDIT [qwa@32473 {sd}] ")
-        return head.encode() + line.rstrip(b"\n")
 
 
 def list_files(directory: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance.audit.log import AuditLog, AuditUnavailable, Hmac
 from appliance.engine.types import Message, RGBImage
+from appliance.security.state import find
 from appliance.web.metrics import Metrics
 
 log = logging.getLogger("appliance.audit.record")
@@ -51,28 +52,28 @@ class Trail:
     async def complete(self, scope: MutableMapping[str, Any], reason: str | None = None) -> bool:
         """Write a stream's completion record once; False when it could not be (the stream must not end
         as a success). Never raises, so nothing reaches the ASGI server from here."""
-        state = scope.setdefault("state", {})
-        if not state.get("stream_open"):
+        state = find(scope)
+        if state is None or not state.stream_open:
             return True
-        state["stream_open"] = False
+        state.stream_open = False
         if reason is not None:
-            state["audit_reason"] = reason
+            state.audit_reason = reason
         try:
             await self.write("request.complete", **self.request_fields(scope, 200))
         except AuditUnavailable:
             log.error("request %s: stream completion record NOT written; the stream ends with an error",
-                      state.get("request_id"))
+                      state.request_id)
             return False
         return True
 
     def request_fields(self, scope: MutableMapping[str, Any], status: int) -> dict[str, Any]:
         """The content-free facts of a request, from what the gate and the handler left in its state."""
-        state = scope.get("state", {})
-        caller = state.get("caller")
+        state = find(scope)
+        caller = state.caller if state is not None else None
         peer = (scope.get("client") or ("", 0))[0]
         cert = caller.cert if caller is not None else None
         return {
-            "request_id": state.get("request_id"),
+            "request_id": state.request_id if state is not None else None,
             "client": caller.client.name if caller is not None and caller.client else None,
             # SHA-256 of the certificate's signed part (tls.PeerCert.sha256): one value for every encoding
             "cert_sha256": cert["cert_sha256"] if cert else None,
@@ -80,9 +81,9 @@ class Trail:
             "method": scope.get("method"),
             "route": _route(scope)[:MAX_ROUTE],
             "status": status,
-            "reason": state.get("audit_reason"),
-            "duration_ms": round((time.monotonic() - state.get("t0", time.monotonic())) * 1000, 1),
-            **state.get("audit", {}),
+            "reason": state.audit_reason if state is not None else None,
+            "duration_ms": round((time.monotonic() - state.t0) * 1000, 1) if state is not None else 0.0,
+            **(state.audit if state is not None else {}),
         }
 
     def describe_input(self, messages: tuple[Message, ...], model_sha256: str) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance import files
 from appliance.errors import SetupError
-from appliance.security import pki
 
 STATUS_NAME = "daemon-status.json"
 CONFIRM_TIMEOUT_S = 10.0
@@ -50,7 +50,7 @@ def publish(path: Path, policy_file: Path, in_force: str, last: dict[str, Any]) 
         "in_force": in_force,
         "last": last,
     }
-    pki.atomic_write(path, json.dumps(status).encode(), 0o600)
+    files.atomic_write(path, json.dumps(status).encode(), 0o600)
 
 
 def withdraw(path: Path) -> None:

@@ -7,7 +7,6 @@ context (certificate, key, client CA, client_cert mode) for new handshakes; see 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -15,9 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance import files
 from appliance.audit.log import AuditLog, AuditUnavailable
 from appliance.config import live as livepolicy
-from appliance.config.policy import Policy, check_file_modes, file_signature, load_policy
+from appliance.config.load import load_policy
+from appliance.config.policy import Policy, setting_value
+from appliance.config.settings import restart_keys
+from appliance.config.trusted import check_file_modes, file_signature
 from appliance.errors import ConfigError, SetupError
 
 if TYPE_CHECKING:
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("appliance.daemon.reload")
 
-RESTART_ONLY = ("listen address", "model", "body size ceiling", "audit settings")
+RESTART_ONLY = restart_keys()  # from the settings table's `restart` field
 POLL_S = 0.1  # the watcher's stat() interval
 SETTLE_POLLS = 2  # a changed file must be unchanged this long (and closed by its writer) before a reload
 FALLBACK_SETTLE_POLLS = 10  # without inotify nothing says a writer is done: wait a full second
@@ -40,7 +43,7 @@ def _signature(path: Path) -> tuple[int, ...] | None:
 
 def _digest(path: Path | None) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
+        return files.sha256_file(path) if path else None
     except OSError:
         return None
 
@@ -128,15 +131,11 @@ class PolicyReloader:
 
     @staticmethod
     def _warn_restart_only(old: Policy, new: Policy) -> None:
-        changed = [
-            (old.server.host, old.server.port) != (new.server.host, new.server.port),
-            old.model != new.model,
-            new.limits.max_body_bytes > old.limits.max_body_bytes,
-            old.audit != new.audit,
-        ]
-        for what, diff in zip(RESTART_ONLY, changed, strict=True):
-            if diff:
-                log.warning("policy: the %s changed; it takes effect at the next restart", what)
+        """The keys the settings table marks `restart` are not applied by a reload: say so, key by key."""
+        for s in RESTART_ONLY:
+            before, after = setting_value(old, s), setting_value(new, s)
+            if (after > before) if s.restart == "raise" else (after != before):
+                log.warning("policy: [%s] %s changed; it takes effect at the next restart", s.section, s.key)
 
     def _publish(self, last: dict[str, object]) -> None:
         """Tell admin commands which policy is in force; they wait for it (see livepolicy.confirm)."""

@@ -62,29 +62,6 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """What the engine needs from `[model]` in the policy file."""
-
-    model_path: Path
-    mmproj_path: Path | None = None
-    n_gpu_layers: int = -1
-    n_ctx: int = 4096
-    threads: int = 0  # 0 = let the engine choose
-    chat_template: str | None = None
-    name: str | None = None  # name served in /v1/models; default: the file stem
-    image_min_tokens: int = 0  # 0 = llama.cpp default
-    image_max_tokens: int = 0  # 0 = llama.cpp default
-    use_mlock: bool = False
-    split_mode: str = "layer"  # several GPUs: llama.cpp's own split ("none" | "layer" | "row")
-    main_gpu: int = 0
-    tensor_split: tuple[float, ...] = ()
-    model_sha256: str | None = None  # pinned digests: a different file is refused before parsing
-    mmproj_sha256: str | None = None
-    parallel: int = 4  # sequences decoded together in one batch; each gets its own n_ctx
-    prompt_cache: bool = True  # reuse a slot's KV prefix (system prompt across clients)
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     """What was loaded, as logged at start-up and shown in /readyz and /v1/models."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -17,7 +16,14 @@ from appliance.audit.log import AuditUnavailable
 from appliance.audit.record import Trail
 from appliance.audit.refusals import RefusalAudit
 from appliance.config.policy import Policy
-from appliance.errors import ClientError, MethodNotAllowed, PayloadTooLarge, ServiceUnavailable, Unauthorized
+from appliance.errors import (
+    INTERNAL_ERROR,
+    ClientError,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from appliance.security.identity import (
     Caller,
     TokenRefused,
@@ -29,6 +35,7 @@ from appliance.security.identity import (
     resolve,
 )
 from appliance.security.ratelimit import ClientLimits
+from appliance.security.state import RequestState, begin, of
 
 log = logging.getLogger("appliance.security.gate")
 Scope = MutableMapping[str, Any]
@@ -77,6 +84,13 @@ def error_body(exc: ClientError) -> bytes:
     return json.dumps({"error": {"type": exc.type, "message": exc.message}}).encode()
 
 
+def internal_error_body(request_id: str) -> bytes:
+    """The same shape for a failure of our own: the client learns only the id to quote."""
+    return json.dumps({"error": {"type": INTERNAL_ERROR,
+                                 "message": f"internal error; quote request id {request_id} to the admin"}}
+                      ).encode()
+
+
 class Gate:
     """Network gate → identity → limits, before the app sees the request; audit and headers on every
     response."""
@@ -94,14 +108,13 @@ class Gate:
             return
         request_id = secrets.token_hex(12)
         policy = self.policy()  # one snapshot per request: a reload never changes it midway
-        state = scope.setdefault("state", {})
-        state.update(request_id=request_id, policy=policy, t0=time.monotonic())
+        state = begin(scope, request_id, policy)
         send = self._headers(send, request_id, keep_csp=is_console(scope.get("path", "")))
         try:
-            release = self._admit(scope, policy)
+            release = self._admit(scope, state)
         except ClientError as exc:
             detail = f" ({exc.detail})" if exc.detail else ""  # the admin's reason, never sent
-            state["audit_reason"] = f"{exc.type}: {exc.message}{detail}"
+            state.audit_reason = f"{exc.type}: {exc.message}{detail}"
             self._count(scope, exc.status)
             await self._refuse_audited(scope, send, exc)
             return
@@ -123,27 +136,26 @@ class Gate:
         await self._refuse(send, exc)
 
     def _count(self, scope: Scope, status: int) -> None:
-        metrics, state = self.trail.metrics, scope["state"]
+        metrics, state = self.trail.metrics, of(scope)
         if metrics is not None:
-            caller = state.get("caller")
-            client = caller.client.name if caller is not None and caller.client else None
-            metrics.observe_response(scope.get("path", ""), status, client, state.get("audit_reason"))
+            metrics.observe_response(scope.get("path", ""), status, state.client_name, state.audit_reason)
 
     def _audited(self, scope: Scope, send: Send) -> Send:
         """Record before the first byte (and at the end of a stream); no record, no answer."""
         swallow = streaming = False
+        state = of(scope)
 
         async def wrapped(message: Message) -> None:
             nonlocal swallow, streaming
             if message["type"] == "http.response.start":
                 self._count(scope, int(message["status"]))
                 streaming = _is_stream(message)
-                scope["state"]["stream_open"] = streaming
+                state.stream_open = streaming
                 fields = self.trail.request_fields(scope, int(message["status"]))
                 try:
                     await self.trail.write("request", streaming=streaming or None, **fields)
                 except AuditUnavailable:
-                    swallow, scope["state"]["stream_open"] = True, False  # refused: no stream to complete
+                    swallow, state.stream_open = True, False  # refused: no stream to complete
                     await self._refuse(send, _AUDIT_DOWN)
                     return
             elif message["type"] == "http.response.body":
@@ -156,11 +168,11 @@ class Gate:
 
         return wrapped
 
-    def _admit(self, scope: Scope, policy: Policy) -> Callable[[], None]:
+    def _admit(self, scope: Scope, state: RequestState) -> Callable[[], None]:
         """Network gate, one canonical path, token, the client's rules and the route's scope, in order."""
-        state = scope["state"]
-        state["caller"] = presented(dict(scope), policy)  # a refusal audits the address judged
-        caller = state["caller"] = network_gate(dict(scope), policy)
+        policy = state.policy
+        state.caller = presented(dict(scope), policy)  # a refusal audits the address judged
+        caller = state.caller = network_gate(dict(scope), policy)
         route = resolve(dict(scope))  # 400 for any other spelling, before a token is read
         if route is not None and route.scope is None:
             return _noop
@@ -168,10 +180,10 @@ class Gate:
             caller = identify(dict(scope), policy, caller)
         except TokenRefused as exc:
             if exc.client is not None:  # disabled or expired: the admin's record names the client
-                state["caller"] = Caller(ip=caller.ip, cert=caller.cert, client=exc.client)
-                log.warning("request %s refused: %s", state["request_id"], exc.detail)
+                state.caller = Caller(ip=caller.ip, cert=caller.cert, client=exc.client)
+                log.warning("request %s refused: %s", state.request_id, exc.detail)
             raise
-        state["caller"] = caller  # known from here on: audited even if refused below
+        state.caller = caller  # known from here on: audited even if refused below
         authorize(dict(scope), caller, route)
         _check_length(scope, policy)
         assert caller.client is not None

@@ -15,42 +15,15 @@ from typing import Any
 from appliance.config.policy import Client, Network, Policy
 from appliance.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, Unauthorized
 from appliance.security.tokens import find_client
+from appliance.web.routes import Route, routes_for
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 NONCANONICAL = ("the request path is not in its one canonical spelling (no percent-encoding, no empty, '.' "
                 "or '..' segments, no trailing '/', ASCII letters, digits and '._-' only)")
 
-
-@dataclass(frozen=True)
-class Route:
-    """One row of the route table, the only source of path -> scope (gate, metrics, OpenAPI, tests)."""
-
-    method: str
-    path: str  # canonical; a last segment "{name}" stands for one console file name
-    scope: str | None  # None: public (the network gate and the TLS handshake still apply)
-    console: bool = False  # the console's own routes, which may set their own CSP
-
-
-# The console's page and files load before a token exists (the mTLS handshake still applies); everything
-# they call needs the token. A new handler in app.py must get its row here, or the daemon does not start.
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/healthz", None),
-    Route("GET", "/readyz", None),
-    Route("GET", "/console", None, console=True),
-    Route("GET", "/console/static/{name}", None, console=True),
-    Route("GET", "/v1/models", "models"),
-    Route("GET", "/metrics", "metrics"),
-    Route("GET", "/api/v1/health", "admin"),
-    Route("GET", "/openapi.json", "admin"),
-    Route("POST", "/v1/chat/completions", "chat"),
-    Route("POST", "/api/v1/chat", "chat"),
-)
-ROUTE_SCOPES = {r.path: r.scope for r in ROUTES if r.scope is not None}  # a derived view, for readers
-
 _SEGMENT = r"/[A-Za-z0-9_-][A-Za-z0-9._-]*"
 _CANONICAL = re.compile(rf"/|({_SEGMENT})+")
-_ASSET_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]+)+")  # one path segment: no '/', no '..'
 
 
 def canonical_path(scope: dict[str, Any]) -> str:
@@ -62,18 +35,6 @@ def canonical_path(scope: dict[str, Any]) -> str:
             or scope.get("root_path"):  # Litestar would strip a root_path first
         raise BadRequest(NONCANONICAL)
     return path
-
-
-def _matches(route: Route, path: str) -> bool:
-    prefix, brace, _ = route.path.partition("{")
-    if not brace:
-        return route.path == path
-    return path.startswith(prefix) and _ASSET_NAME.fullmatch(path[len(prefix):]) is not None
-
-
-def routes_for(path: str) -> tuple[Route, ...]:
-    """The rows for one canonical path (any method)."""
-    return tuple(r for r in ROUTES if _matches(r, path))
 
 
 def resolve(scope: dict[str, Any]) -> Route | None:

@@ -1,15 +1,11 @@
-"""A small local PKI: CA, server and client certificates, written with strict file modes."""
+"""A small local PKI: CA, server and client certificates, written with strict file modes (appliance.files)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import socket
-import stat
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from appliance.errors import SetupError
+from appliance import files
 
 Key = ec.EllipticCurvePrivateKey
 
@@ -30,70 +26,6 @@ class Issued:
 
     cert: x509.Certificate
     key: Key
-
-
-def atomic_write(path: Path, data: bytes, mode: int, *, owner: tuple[int, int] | None = None,
-                 check: Callable[[Path], None] | None = None) -> None:
-    """Write a whole new file, then rename it over `path`: readers see the old or the new bytes, never a mix.
-
-    The temp file has a random name and is created with O_EXCL|O_NOFOLLOW, so a file or symlink planted
-    in a shared folder is never written through or reused; `check` may refuse the temp file before the swap.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        _fill(fd, data, mode, owner)
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        _verify_written(fd, path, mode)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
-
-
-def _fill(fd: int, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
-    """All the bytes, the exact mode (not what the umask leaves) and the owner, on disk before the rename."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.fchmod(fd, mode)
-    if owner is not None and owner != (os.geteuid(), os.getegid()):
-        os.fchown(fd, *owner)
-    os.fsync(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable."""
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _verify_written(fd: int, path: Path, mode: int) -> None:
-    """The name must now be our regular file with exactly `mode`; otherwise someone raced the rename."""
-    mine, st = os.fstat(fd), os.lstat(path)
-    if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or not stat.S_ISREG(st.st_mode) \
-            or stat.S_IMODE(st.st_mode) != mode:
-        raise SetupError(f"{path}: not the file just written with mode {mode:o} "
-                         f"(mode {stat.S_IMODE(st.st_mode):o}); another user may control {path.parent}",
-                         hint=f"use a folder only you can write (chmod 700 {path.parent}) and retry")
-
-
-def write_secret(path: Path, data: bytes) -> None:
-    """Create a file readable by the owner only (0600), atomically, never widening an existing one."""
-    atomic_write(path, data, 0o600)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    """Write a non-secret file (certificate, policy) as 0644 atomically."""
-    atomic_write(path, data, 0o644)
 
 
 def _name(cn: str) -> x509.Name:
@@ -226,8 +158,8 @@ def key_pem(key: Key) -> bytes:
 
 def save(issued: Issued, cert_path: Path, key_path: Path) -> None:
     """Write a certificate (0644) and its key (0600)."""
-    write_secret(key_path, key_pem(issued.key))
-    write_public(cert_path, cert_pem(issued.cert))
+    files.write_secret(key_path, key_pem(issued.key))
+    files.write_public(cert_path, cert_pem(issued.cert))
 
 
 def load(cert_path: Path, key_path: Path) -> Issued:

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from appliance.config.policy import ServerPolicy
 from appliance.errors import TLSSetupError
-from appliance.security import certid
+from appliance.security import certfacts, certid
 
 log = logging.getLogger("appliance.security.tls")
 
@@ -105,21 +104,10 @@ def peer_cert(der: bytes) -> PeerCert:
     try:
         ident = certid.identify(der)
         cert = x509.load_der_x509_certificate(ident.canonical_der)
-        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        cn = str(cns[0].value) if cns else None
-        not_after = cert.not_valid_after_utc.isoformat()
-        sans = _sans(cert)
+        claims = certfacts.facts(cert)
     except Exception as exc:  # any parse failure must refuse the peer, not crash the connection
         reason = str(exc) if isinstance(exc, certid.CertEncodingError) else "the certificate cannot be parsed"
         log.warning("client certificate refused: %s", reason)
         return PeerCert(None, frozenset(), None, (), None, problem=reason)
-    return PeerCert(ident.tbs_sha256, ident.fingerprints, cn, sans, not_after)
-
-
-def _sans(cert: x509.Certificate) -> tuple[str, ...]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return ()
-    return tuple(str(v) for v in ext.get_values_for_type(x509.DNSName)) + tuple(
-        str(v) for v in ext.get_values_for_type(x509.IPAddress))
+    return PeerCert(ident.tbs_sha256, ident.fingerprints, claims.subject_cn, claims.sans,
+                    claims.not_after.isoformat())

@@ -57,4 +57,4 @@ async def console_asset(name: FromPath[str]) -> Response[bytes]:
     return _respond(*asset)
 
 
-ROUTES = [console_page, console_asset]
+HANDLERS = [console_page, console_asset]

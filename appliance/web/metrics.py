@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from appliance.security.identity import ROUTES, routes_for
+from appliance.web.routes import ROUTES, routes_for
 
 KNOWN_ROUTES = frozenset(r.path for r in ROUTES)  # the route table's paths; anything else is "other"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of the API, built from the live policy so its limits are the enforced ones.
 
 Served only to the `admin` scope (`GET /openapi.json`, no docs UI): a client learns its own API from the
-README, an auditor or tester with admin rights gets the machine-readable contract. tests/test_fuzz.py runs
+README, an auditor or tester with admin rights gets the machine-readable contract. tests/web/test_fuzz.py runs
 schemathesis against it with every check, so the document and the daemon cannot drift apart.
 """
 
@@ -9,20 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from litestar import Request, Response, get
+
 from appliance.config.policy import Policy
 from appliance.engine.types import ModelInfo
-from appliance.security.identity import ROUTES
+from appliance.errors import client_error_types
+from appliance.security.gate import SECURITY_HEADERS
 from appliance.web.images import BASE64_PATTERN, DATA_URI_PATTERN
 from appliance.web.intake import MAX_MESSAGES, MAX_STOP, MAX_STOP_LEN
+from appliance.web.routes import ROUTES
+from appliance.web.runtime import json_response, request_state, runtime
 
 JSON = "application/json"
 SSE = "text/event-stream"
 METRICS_TYPE = "text/plain"
 Obj = dict[str, Any]
 
-_ERROR_TYPES = ["invalid_request_error", "authentication_error", "permission_error", "not_found_error",
-                "request_too_large", "unsupported_media_type", "rate_limit_error", "overloaded_error",
-                "internal_error"]
+_ERROR_TYPES = client_error_types()  # declared once, with the error classes
 _WHY = {
     "400": "Bad input: malformed JSON, a field outside its bounds, a refused image URL or path, a corrupt "
            "image, more images than `[limits] max_images`, or a prompt that does not fit the context.",
@@ -64,13 +67,20 @@ def _header(schema: Obj, description: str) -> Obj:
     return {"required": True, "schema": schema, "description": description}
 
 
+_SENT = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}  # the gate's values, not a copy
+
+
+def _fixed(name: str, description: str) -> Obj:
+    return _header({"type": "string", "const": _SENT[name.lower()]}, description)
+
+
 _HEADERS: Obj = {
     "X-Request-ID": _header({"type": "string", "pattern": "^[0-9a-f]{24}$"},
                             "Quote it to the admin: it names the audit record."),
-    "Strict-Transport-Security": _header({"type": "string", "const": "max-age=63072000"}, "HSTS."),
-    "X-Content-Type-Options": _header({"type": "string", "const": "nosniff"}, "No sniffing."),
-    "X-Frame-Options": _header({"type": "string", "const": "DENY"}, "No framing."),
-    "Content-Security-Policy": _header({"type": "string", "const": "default-src 'none'"}, "No content."),
+    "Strict-Transport-Security": _fixed("Strict-Transport-Security", "HSTS."),
+    "X-Content-Type-Options": _fixed("X-Content-Type-Options", "No sniffing."),
+    "X-Frame-Options": _fixed("X-Frame-Options", "No framing."),
+    "Content-Security-Policy": _fixed("Content-Security-Policy", "No content."),
     "Retry-After": _header({"type": "string", "pattern": "^[0-9]+$"}, "Seconds to wait."),
     "WWW-Authenticate": _header({"type": "string", "pattern": "^Bearer "}, "The scheme to use."),
 }
@@ -325,3 +335,9 @@ def _completion_schema() -> Obj:
                     "model": {"type": "string"},
                     "choices": {"type": "array", "items": choice, "minItems": 1, "maxItems": 1},
                     "usage": _ref("schemas", "Usage")})
+
+
+@get("/openapi.json")
+async def openapi_document(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The API contract (scope admin), with the limits of the policy this request was admitted under."""
+    return json_response(document(request_state(request).policy, runtime(request).model))

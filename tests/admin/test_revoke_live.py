@@ -11,16 +11,11 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, DaemonFactory, add_client, issue_client_cert
+from helpers import cli_main as _cli
 
-from appliance.admin import cli
+from appliance import files
 from appliance.config.live import STATUS_NAME
 from appliance.security import pki
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _start(daemon_factory: DaemonFactory) -> tuple[Daemon, dict[str, str]]:
@@ -76,7 +71,7 @@ def test_revoke_fails_when_the_daemon_rejects_the_new_policy(
     d, tokens = _start(daemon_factory)
     tls = d.setup.policy.parent / "tls"
     stranger = pki.new_server_cert(pki.new_ca("another CA"), [])
-    pki.write_public(tls / "server.crt", pki.cert_pem(stranger.cert))
+    files.write_public(tls / "server.crt", pki.cert_pem(stranger.cert))
     rc, out, err = _cli(capsys, "token", "revoke", "victim", "--policy", d.setup.policy)
     assert rc == 2 and "REJECTED" in err and "server.tls" in err, (out, err)
     assert "Revoked client 'victim'" in out  # the file did change: the admin is told both

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from appliance.admin.cli import main
-from appliance.audit.log import AuditConfig, AuditLog, list_files, load_hmac_key, new_hmac_key
+from appliance.audit.log import AuditLog, list_files, load_hmac_key, new_hmac_key
 from appliance.audit.verify import verify
+from appliance.config.policy import AuditPolicy
 
 
 class Clock:
@@ -36,8 +37,8 @@ def make_key(tmp_path: Path) -> None:
 
 def make_log(tmp_path: Path, clock: Clock, rotate: int = 4096, days: int = 30) -> AuditLog:
     make_key(tmp_path)
-    log = AuditLog(AuditConfig(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k",
-                               rotate_bytes=rotate, retention_days=days), clock=clock)
+    log = AuditLog(AuditPolicy.with_defaults(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k",
+                                             rotate_bytes=rotate, retention_days=days), clock=clock)
     log.open()
     return log
 
@@ -204,8 +205,8 @@ def test_records_are_forwarded_to_a_local_socket(tmp_path: Path, kind: str) -> N
     sink.settimeout(5)
     clock = Clock()
     make_key(tmp_path)
-    log = AuditLog(AuditConfig(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k", forward=kind,
-                               forward_socket=sink_path), clock=clock)
+    log = AuditLog(AuditPolicy.with_defaults(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k",
+                                             forward=kind, forward_socket=sink_path), clock=clock)
     log.open()
     log.write("request", request_id="abc", client="teller-03", status=401, reason="authentication_error")
     assert '"event":"audit.start"' in sink.recv(65536).decode()  # the start is forwarded too

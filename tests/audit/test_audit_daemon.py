@@ -190,3 +190,21 @@ def test_sigkill_at_random_moments_keeps_the_chain(tmp_path: Path, tiny_model: T
     assert len(acknowledged) > 20
     assert not set(acknowledged) - logged
     assert sum(1 for x in recs if x["event"] == "audit.repair") == 4
+
+
+def test_a_broken_socket_unit_stops_start_up_with_the_trail_sealed(tmp_path: Path,
+                                                                   tiny_model: TinyModel) -> None:
+    """Issue 12: LISTEN_FDS naming a file, not a socket, ends in exit 2 with a hint, never a traceback with
+    the trail unsealed (ListenFdsError is a SetupError, so start-up writes daemon.stop and the seal)."""
+    setup = make_setup(tmp_path / "s", tiny_model, free_port())
+    script = (f"exec 3</dev/null; export LISTEN_PID=$$ LISTEN_FDS=1; exec {sys.executable} -m appliance "
+              f"serve --policy {setup.policy}")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "fd 3 from systemd is not a socket" in r.stderr and "hint" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    checked = run_cli("audit", "verify", "--policy", str(setup.policy), "--expect-sealed")
+    assert checked.returncode == 0, checked.stderr
+    stop = [x for x in (json.loads(line) for p in list_files(setup.policy.parent / "audit")
+                        for line in p.read_bytes().splitlines()) if x["event"] == "daemon.stop"]
+    assert stop and "not a socket" in stop[-1]["reason"]

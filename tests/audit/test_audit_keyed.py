@@ -18,7 +18,6 @@ import pytest
 from appliance.admin.cli import main
 from appliance.audit.log import (
     GENESIS,
-    AuditConfig,
     AuditLog,
     chain_key,
     line_hash,
@@ -29,6 +28,7 @@ from appliance.audit.log import (
     seal_line,
 )
 from appliance.audit.verify import Expect, verify
+from appliance.config.policy import AuditPolicy
 
 
 class Clock:
@@ -49,8 +49,8 @@ def key_file(root: Path) -> Path:
 
 def run(root: Path, clock: Clock, n: int, sealed: bool = True, rotate: int = 3000) -> None:
     """One daemon run: start, n requests from two clients (mallory's refused), then a seal or a crash."""
-    log = AuditLog(AuditConfig(dir=root / "audit", hmac_key_file=key_file(root), rotate_bytes=rotate),
-                   clock=clock)
+    log = AuditLog(AuditPolicy.with_defaults(dir=root / "audit", hmac_key_file=key_file(root),
+                                             rotate_bytes=rotate), clock=clock)
     log.open()
     for i in range(n):
         clock.now += 1
@@ -284,8 +284,8 @@ def test_a_rotation_cut_short_is_finished_first_and_no_closed_descriptor_is_used
 
     from appliance.audit.log import AuditUnavailable
     clock = Clock()
-    log = AuditLog(AuditConfig(dir=tmp_path / "audit", hmac_key_file=key_file(tmp_path), rotate_bytes=600),
-                   clock=clock)
+    log = AuditLog(AuditPolicy.with_defaults(dir=tmp_path / "audit", hmac_key_file=key_file(tmp_path),
+                                             rotate_bytes=600), clock=clock)
     log.open()
     log.write("request", status=200, route="/x" * 200)  # past rotate_bytes: the next write rotates
     clock.now += 1

@@ -18,7 +18,7 @@ from conftest import ROOT, Daemon, TinyModel, add_client, free_port, make_setup,
 from helpers import LONG, LONG_EDITS, SHORT, wait_for
 from PIL import Image
 
-from appliance.client.ask import Profile, save_profile
+from appliance.client.profile import Profile, save_profile
 from appliance.security import pki
 
 SERVER_IMAGE_LIMIT = 50_000  # the daemon's max_image_bytes here; the client's own limit is 10 MB
@@ -305,7 +305,8 @@ def test_stream_output_strips_terminal_controls() -> None:
 
 
 def test_a_stream_without_done_is_reported_as_cut_off() -> None:
-    from appliance.client.ask import AskError, stream_answer
+    from appliance.client.ask import stream_answer
+    from appliance.client.exits import AskError
 
     out = io.StringIO()
     with pytest.raises(AskError, match="cut off") as caught:

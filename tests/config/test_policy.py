@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from appliance.admin.init import init
-from appliance.config.policy import PolicyInvalid, load_policy
+from appliance.config.load import load_policy
 from appliance.config.settings import SETTINGS
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, PolicyInvalid
 from appliance.security.tokens import find_client, token_digest
 
 

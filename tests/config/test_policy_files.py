@@ -17,7 +17,8 @@ from conftest import DaemonFactory, TinyModel, add_client, free_port, make_setup
 from helpers import run_cli, wait_for
 
 from appliance.admin.init import InitResult
-from appliance.config.policy import check_file_modes, load_policy
+from appliance.config.load import load_policy
+from appliance.config.trusted import check_file_modes
 from appliance.daemon.reload import PolicyReloader
 from appliance.errors import ConfigError
 

@@ -101,7 +101,7 @@ def test_broken_model_files_fail_clearly(tmp_path: Path, tiny_model: TinyModel, 
 
 def test_tampered_tensor_data_is_caught_by_the_pinned_digest(tmp_path: Path, tiny_model: TinyModel) -> None:
     """A damaged copy that llama.cpp would load anyway is refused when the policy pins the digest."""
-    from appliance.engine.batch import sha256_file
+    from appliance.files import sha256_file
     pair = copied_pair(tiny_model, tmp_path / "models")
     pin = sha256_file(pair.model)
     setup = make_setup(tmp_path / "s", pair, free_port())

@@ -12,11 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import Daemon, TinyModel, add_client, free_port, make_setup, start_daemon
-from helpers import wait_for
+from helpers import records, wait_for
 from rawtls import (
     REFUSED,
     Reply,
-    audit_records,
     connect,
     exchange,
     has_security_headers,
@@ -112,8 +111,8 @@ def test_refusal_below_the_gate_is_audited_with_headers(d: Daemon, name: str) ->
     assert set(error) == {"type", "message"} and MARK not in reply.body.decode()
     assert reply.headers["connection"] == "close" and reply.headers["content-type"] == "application/json"
     rid = reply.headers["x-request-id"]
-    assert wait_for(lambda: any(r.get("request_id") == rid for r in audit_records(d)))
-    rec = next(r for r in audit_records(d) if r.get("request_id") == rid)
+    assert wait_for(lambda: any(r.get("request_id") == rid for r in records(d)))
+    rec = next(r for r in records(d) if r.get("request_id") == rid)
     assert rec["event"] == "request.refused_by_server"
     assert rec["status"] == status and rec["source_ip"] == "127.0.0.1" and rec["reason"]
     trail = "".join(p.read_text() for p in (d.setup.policy.parent / "audit").glob("*.jsonl"))
@@ -154,7 +153,7 @@ def flood_tokenless(d: Daemon, n: int, source: str) -> None:
 
 def accounted(d: Daemon, event: str, ip: str, since: int, status: int | None = None) -> tuple[int, int, int]:
     """(records of their own, refusals counted in summaries, summary records) for one source."""
-    recs = audit_records(d)[since:]
+    recs = records(d)[since:]
     own = [
         r
         for r in recs
@@ -167,7 +166,7 @@ def accounted(d: Daemon, event: str, ip: str, since: int, status: int | None = N
 @pytest.mark.parametrize("kind", ["server", "gate"])
 def test_refusal_records_are_bounded_per_source_and_nothing_is_lost(d: Daemon, kind: str) -> None:
     time.sleep(1.1)
-    since = len(audit_records(d))
+    since = len(records(d))
     suppressed_before = metric(d, WATCHER["token"], "qwa_refusal_records_suppressed_total")
     n, ip = 60, "127.0.0.31" if kind == "server" else "127.0.0.32"
     started = time.monotonic()
@@ -204,19 +203,19 @@ def test_pending_summary_is_written_at_shutdown(
         daemon.stop(signal.SIGKILL)
     own, summarised, _ = accounted(daemon, "request", "127.0.0.41", 0, 401)
     assert own + summarised == 30, (own, summarised)
-    assert audit_records(daemon)[-1]["event"] in ("audit.seal", "daemon.stop")
+    assert records(daemon)[-1]["event"] in ("audit.seal", "daemon.stop")
 
 
 def test_malformed_request_pipelined_behind_a_good_one(d: Daemon) -> None:
     """The running request is answered in full; the bad one behind it is audited and ends the connection."""
     time.sleep(1.1)
-    since = len(audit_records(d))
+    since = len(records(d))
     with connect(d, (d.setup.client_cert, d.setup.client_key)) as tls:
         tls.sendall(ok_head(d) + b"GET / HTTP/1.1\r\nx-a: \x01\r\n\r\n")
         first = read_reply(tls)
         assert first.status == 200 and first.json()["data"]
         assert read_reply(tls).status == REFUSED  # closed, not a second answer
-    assert wait_for(lambda: any(r["event"] == "request.refused_by_server" for r in audit_records(d)[since:]))
+    assert wait_for(lambda: any(r["event"] == "request.refused_by_server" for r in records(d)[since:]))
 
 
 def test_many_spoofed_sources_stay_bounded_and_counted() -> None:

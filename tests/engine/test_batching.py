@@ -14,8 +14,9 @@ import httpx
 import pytest
 from conftest import DaemonFactory, TinyModel, data_uri, png_bytes
 
+from appliance.config.policy import ModelPolicy
 from appliance.engine.batch import Engine
-from appliance.engine.types import Completion, EngineConfig, Message, RGBImage, SamplingParams
+from appliance.engine.types import Completion, Message, RGBImage, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
@@ -31,8 +32,8 @@ def _user(*parts: str | RGBImage) -> list[Message]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: TinyModel) -> Iterator[Engine]:
-    eng = Engine.load(EngineConfig(model_path=tiny_model.model, mmproj_path=tiny_model.mmproj,
-                                   threads=1, n_ctx=2048, parallel=4))
+    eng = Engine.load(ModelPolicy.with_defaults(path=tiny_model.model, mmproj=tiny_model.mmproj,
+                                                threads=1, n_ctx=2048, parallel=4))
     yield eng
     eng.close()
 
@@ -40,8 +41,8 @@ def engine(tiny_model: TinyModel) -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def serial(tiny_model: TinyModel) -> Iterator[Engine]:
     """One slot and no prompt cache: the reference every batched answer must match."""
-    eng = Engine.load(EngineConfig(model_path=tiny_model.model, mmproj_path=tiny_model.mmproj,
-                                   threads=1, n_ctx=2048, parallel=1, prompt_cache=False))
+    eng = Engine.load(ModelPolicy.with_defaults(path=tiny_model.model, mmproj=tiny_model.mmproj,
+                                                threads=1, n_ctx=2048, parallel=1, prompt_cache=False))
     yield eng
     eng.close()
 
@@ -220,8 +221,8 @@ def test_other_clients_reuse_only_the_system_part(engine: Engine) -> None:
 
 
 def test_prompt_cache_off(tiny_model: TinyModel) -> None:
-    eng = Engine.load(EngineConfig(model_path=tiny_model.model, threads=1, n_ctx=512, parallel=2,
-                                   prompt_cache=False))
+    eng = Engine.load(ModelPolicy.with_defaults(path=tiny_model.model, threads=1, n_ctx=512,
+                                                parallel=2, prompt_cache=False))
     try:
         for _ in range(2):
             done = eng.generate([SYSTEM, *_user("q")], GREEDY, lambda: False, lambda _: None)

@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance.engine.batch import MEDIA_MARKER, Engine, _TextOut, describe_build, sha256_file
-from appliance.engine.types import Completion, EngineConfig, Message, RGBImage, SamplingParams
+from appliance.config.policy import ModelPolicy
+from appliance.engine.batch import Engine
+from appliance.engine.loader import describe_build
+from appliance.engine.output import TextOut
+from appliance.engine.template import MEDIA_MARKER
+from appliance.engine.types import Completion, Message, RGBImage, SamplingParams
 from appliance.errors import BadRequest, ModelLoadError
+from appliance.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "make_tiny_model.py"
@@ -64,10 +69,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {**paths, "truncated": truncated, "mismatched": mismatched, "bos": with_bos}
 
 
-def _config(tiny: dict[str, Path], mmproj: str | None = "mmproj", **kw: object) -> EngineConfig:
+def _config(tiny: dict[str, Path], mmproj: str | None = "mmproj", **kw: object) -> ModelPolicy:
     args: dict[str, object] = {"threads": 1, "n_ctx": 1024, **kw}
-    return EngineConfig(model_path=tiny["model"], mmproj_path=tiny[mmproj] if mmproj else None,
-                        **args)  # type: ignore[arg-type]
+    return ModelPolicy.with_defaults(path=tiny["model"], mmproj=tiny[mmproj] if mmproj else None, **args)
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +128,7 @@ def test_describe_build_needs_no_model() -> None:
 def test_missing_model_is_a_load_error(tiny: dict[str, Path]) -> None:
     missing = tiny["model"].with_name("nope.gguf")
     with pytest.raises(ModelLoadError, match="model file not found") as err:
-        Engine.load(EngineConfig(model_path=missing))
+        Engine.load(ModelPolicy.with_defaults(path=missing))
     assert str(missing) in str(err.value) and err.value.hint
 
 
@@ -141,7 +145,7 @@ def test_mismatched_projector_says_so(tiny: dict[str, Path]) -> None:
 
 def test_projector_given_as_model_is_a_load_error(tiny: dict[str, Path]) -> None:
     with pytest.raises(ModelLoadError, match=r"could not load the model.*CLIP"):
-        Engine.load(EngineConfig(model_path=tiny["mmproj"], threads=1))
+        Engine.load(ModelPolicy.with_defaults(path=tiny["mmproj"], threads=1))
 
 
 def test_broken_template_is_a_load_error(tiny: dict[str, Path]) -> None:
@@ -209,7 +213,7 @@ def test_bos_added_once(tiny: dict[str, Path]) -> None:
 
     def count(model: str, template: str | None, mmproj: str | None) -> int:
         eng = Engine.load(replace(_config(tiny, mmproj=mmproj, chat_template=template),
-                                  model_path=tiny[model]))
+                                  path=tiny[model]))
         try:
             return _run(eng, _user("hi"))[0].usage.prompt_tokens
         finally:
@@ -333,7 +337,7 @@ def test_prompt_text_never_reaches_stderr_or_logs(engine: Engine) -> None:
 
 def test_text_out_buffers_split_utf8_and_holds_back_stops() -> None:
     pieces: list[str] = []
-    out = _TextOut(["STOP"], pieces.append)
+    out = TextOut(["STOP"], pieces.append)
     euro = "€".encode()
     assert not out.feed(b"ab" + euro[:1])
     assert not out.feed(euro[1:] + b"cST")
@@ -341,7 +345,7 @@ def test_text_out_buffers_split_utf8_and_holds_back_stops() -> None:
     assert out.feed(b"OPxyz")
     assert "".join(pieces) == "ab€c"
     pieces.clear()
-    out = _TextOut(["STOP"], pieces.append)
+    out = TextOut(["STOP"], pieces.append)
     out.feed(b"aST")
     out.finish()
     assert "".join(pieces) == "aST"

@@ -20,7 +20,7 @@ import pytest
 from conftest import TinyModel, data_uri, free_port, issue_client_cert, make_setup, png_bytes, start_daemon
 from hostile_corpus import Case, Target, all_cases, image, quick
 
-from appliance.daemon.serve import BODY_TIMEOUT_S, HEAD_TIMEOUT_S
+from appliance.daemon.protocol import BODY_TIMEOUT_S, HEAD_TIMEOUT_S
 from appliance.security import pki
 
 RSS_BOUND = 200 * 2**20  # growth allowed over the whole corpus

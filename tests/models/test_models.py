@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from conftest import ROOT, TinyModel
 
-from appliance.admin import model as modeladmin
 from appliance.admin.cli import main
 from appliance.admin.init import init
+from appliance.models.gguf import ArraySummary, read_gguf_header
+from appliance.models.install import MODELS_ENV, STAGING
+from appliance.models.manifest import MANIFEST_CANDIDATES, MANIFEST_ENV, load_manifest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +46,7 @@ def policy_keys(stdout: str) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the real Hub or depend on the caller's environment."""
-    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", modeladmin.MODELS_ENV, modeladmin.MANIFEST_ENV):
+    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", MODELS_ENV, MANIFEST_ENV):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -56,11 +58,17 @@ def models(tmp_path: Path) -> Path:
 # --- the manifest -----------------------------------------------------------------------------------
 
 
+def test_the_source_checkout_manifest_is_found_from_the_models_package() -> None:
+    """appliance/models/manifest.py sits two levels below the root that holds models/manifest.toml."""
+    assert MANIFEST_CANDIDATES[0] == MANIFEST.resolve()
+    assert load_manifest().path == MANIFEST.resolve()
+
+
 def test_manifest_entries_are_complete_unique_and_default_is_smallest_q4() -> None:
     raw = tomllib.loads(MANIFEST.read_text())["models"]
     for table in raw:
         assert set(table) >= REQUIRED, table.get("name")
-    manifest = modeladmin.load_manifest(MANIFEST)
+    manifest = load_manifest(MANIFEST)
     names = [e.name for e in manifest.entries]
     assert len(names) == len(set(names)) == 6
     assert {e.repo for e in manifest.entries} == {f"Qwen/Qwen3-VL-{n}B-Instruct-GGUF" for n in (2, 4, 8)}
@@ -100,7 +108,7 @@ def test_list_shows_entries_default_and_digest_state(models: Path,
 def test_import_unlisted_installs_read_only_and_prints_policy_lines(
         tiny_model: TinyModel, models: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv(modeladmin.MODELS_ENV, str(models))  # the default when --models-dir is absent
+    monkeypatch.setenv(MODELS_ENV, str(models))  # the default when --models-dir is absent
     assert main(["model", "import", str(tiny_model.model), str(tiny_model.mmproj), "--unlisted"]) == 0
     keys = policy_keys(capsys.readouterr().out)
     assert keys == {"path": str(models / tiny_model.model.name),
@@ -111,7 +119,7 @@ def test_import_unlisted_installs_read_only_and_prints_policy_lines(
     assert stat.S_IMODE(models.stat().st_mode) == 0o755
     pins = tomllib.loads((models / "pins.toml").read_text())
     assert pins[tiny_model.model.name]["sha256"] == sha(tiny_model.model)
-    assert not (models / modeladmin.STAGING).exists()
+    assert not (models / STAGING).exists()
 
 
 def test_import_refuses_a_file_the_manifest_does_not_know(
@@ -241,11 +249,11 @@ def test_info_shows_architecture_name_quantization_and_chat_template(
 def test_info_agrees_with_the_gguf_package(tiny_model: TinyModel) -> None:
     gguf = pytest.importorskip("gguf")
     for path in (tiny_model.model, tiny_model.mmproj):
-        ours = modeladmin.read_gguf_header(path).metadata
+        ours = read_gguf_header(path).metadata
         theirs = gguf.GGUFReader(path).fields
         assert set(ours) == {k for k in theirs if not k.startswith("GGUF.")}
         for key, value in ours.items():
-            if isinstance(value, modeladmin.ArraySummary):
+            if isinstance(value, ArraySummary):
                 assert value.count == len(theirs[key].data), key
             else:
                 assert same(theirs[key].contents(), value), key
@@ -421,7 +429,7 @@ def test_pull_verifies_installs_read_only_and_pins_what_is_unpublished(
     assert stat.S_IMODE((models / "tiny-model.gguf").stat().st_mode) == 0o444
     assert "pinned tiny-mmproj.gguf" in err and "pinned tiny-model.gguf" not in err
     assert set(tomllib.loads((models / "pins.toml").read_text())) == {"tiny-mmproj.gguf"}
-    assert not (models / modeladmin.STAGING).exists()
+    assert not (models / STAGING).exists()
     assert main(["model", "verify", "--manifest", str(manifest), "--models-dir", str(models)]) == 0
     assert main(["model", "pull", "--manifest", str(manifest), "--models-dir", str(models)]) == 0
     assert "already installed and verified" in capsys.readouterr().err
@@ -434,7 +442,7 @@ def test_pull_refuses_a_download_that_does_not_match_the_manifest(
     assert main(["model", "pull", "--manifest", str(manifest), "--models-dir", str(models)]) == 2
     assert "tiny-model.gguf: SHA-256 is" in capsys.readouterr().err
     assert not (models / "tiny-model.gguf").exists()
-    assert not list((models / modeladmin.STAGING).glob("*.gguf"))
+    assert not list((models / STAGING).glob("*.gguf"))
 
 
 def test_pull_names_a_file_missing_on_the_hub(fake_hub: dict[str, bytes], tmp_path: Path, models: Path,
@@ -450,5 +458,6 @@ def test_pull_names_a_file_missing_on_the_hub(fake_hub: dict[str, bytes], tmp_pa
 
 
 def test_model_admin_never_loads_llama_cpp() -> None:
-    code = "import sys, appliance.admin.cli, appliance.admin.model; sys.exit('llama_cpp' in sys.modules)"
+    code = ("import sys, appliance.admin.cli, appliance.admin.model, appliance.models.install; "
+            "sys.exit('llama_cpp' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -9,7 +9,6 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,10 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import NameOID
+from helpers import records
 
+from appliance import files
 from appliance.admin.cli import main
 from appliance.admin.init import InitResult
-from appliance.audit.log import list_files
 from appliance.security import certid, pki
 from appliance.security.tls import peer_cert
 
@@ -242,7 +242,7 @@ def issue(setup: InitResult, certs: Certs, name: str, cn: str) -> None:
     certs.der[name] = der
     certs.files[name] = (out / "issued.crt", out / "client.key")
     for suffix, spelling in (("flipped", flip_s(der)), ("ber", join(*split(der), outer_pad=1))):
-        pki.write_public(out / f"{suffix}.crt", pem(spelling))
+        files.write_public(out / f"{suffix}.crt", pem(spelling))
         certs.files[f"{name}/{suffix}"] = (out / f"{suffix}.crt", out / "client.key")
 
 
@@ -265,7 +265,7 @@ def odd_but_signed(setup: InitResult, certs: Certs) -> None:
     out = setup.policy.parent / "certs" / "odd"
     pki.save(issued, out / "issued.crt", out / "client.key")
     signature = ca.key.sign(ber_tbs, ec.ECDSA(hashes.SHA256()))
-    pki.write_public(out / "odd.crt", pem(join(ber_tbs, alg, signature)))
+    files.write_public(out / "odd.crt", pem(join(ber_tbs, alg, signature)))
     certs.files["odd"] = (out / "odd.crt", out / "client.key")
 
 
@@ -344,15 +344,10 @@ def test_unidentifiable_certificate_is_refused_and_the_daemon_serves_on(certs: C
     assert certs.d.proc.poll() is None
 
 
-def audit_records(d: Daemon) -> list[dict[str, Any]]:
-    audit = d.setup.policy.parent / "audit"
-    return [json.loads(line) for p in list_files(audit) for line in p.read_bytes().splitlines()]
-
-
 def test_the_trail_names_one_certificate_for_all_its_encodings(certs: Certs) -> None:
     spellings = {"mallory": "tester", "mallory/flipped": "tester", "bob": "bob", "bob/flipped": "bob"}
     ids = {s: certs.post(token, s).headers["x-request-id"] for s, token in spellings.items()}
-    by_id = {r.get("request_id"): r for r in audit_records(certs.d) if r.get("event") == "request"}
+    by_id = {r.get("request_id"): r for r in records(certs.d) if r.get("event") == "request"}
     seen = {s: by_id[i]["cert_sha256"] for s, i in ids.items() if i in by_id}
     assert seen == {s: tbs_sha(certs.der[s.split("/")[0]]) for s in spellings}
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.audit.log import list_files
-from appliance.config.policy import load_policy
+from appliance.config.load import load_policy
 from appliance.security.identity import source_ip
 
 

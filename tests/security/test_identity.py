@@ -175,7 +175,7 @@ def scope_with(peer: str, forwarded: str | None = None) -> dict[str, object]:
 
 
 def test_forwarded_for_only_from_trusted_proxies(tmp_path: Path, tiny_model: TinyModel) -> None:
-    from appliance.config.policy import load_policy
+    from appliance.config.load import load_policy
     from appliance.errors import Forbidden
     from appliance.security.identity import network_gate, source_ip
     setup = make_setup(tmp_path / "s", tiny_model, free_port(), {

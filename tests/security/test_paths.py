@@ -1,6 +1,6 @@
 """Issue 11 defect 1: a route's scope is judged on exactly the path Litestar dispatches, in one spelling.
 
-The route table (identity.ROUTES) is checked against the Litestar app and the OpenAPI document; a property
+The route table (routes.ROUTES) is checked against the Litestar app and the OpenAPI document; a property
 test cross-checks the gate with Litestar's own router over path spellings; another sends spellings for every
 route, method and token scope set to a real daemon over raw mTLS sockets (httpx would normalise them).
 """
@@ -26,9 +26,10 @@ from litestar.utils import normalize_path
 
 from appliance.audit.log import list_files
 from appliance.errors import BadRequest
-from appliance.security.identity import NONCANONICAL, ROUTES, is_public, resolve
+from appliance.security.identity import NONCANONICAL, is_public, resolve
 from appliance.web import openapi
 from appliance.web.app import ROUTE_HANDLERS, registered_routes
+from appliance.web.routes import ROUTES
 
 SCOPES = ("chat", "models", "metrics", "admin")
 ASSETS = ("console.js", "console.css", "icon.svg")

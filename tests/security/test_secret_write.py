@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from appliance import files
 from appliance.admin import cli
-from appliance.admin import model as modeladmin
 from appliance.admin.init import init
-from appliance.client import ask as client
-from appliance.security import pki
+from appliance.client import profile as client
+from appliance.models import pins as modelpins
 
 Plant = Callable[[Path], None]
 VICTIM = b"the attacker's file: must stay as it is\n"
@@ -63,7 +63,7 @@ def _assert_safe(target: Path, mode: int, content: bytes | None = None) -> None:
 
 
 @pytest.mark.parametrize("plant", PLANTS.values(), ids=PLANTS.keys())
-@pytest.mark.parametrize(("write", "mode"), [(pki.write_secret, 0o600), (pki.write_public, 0o644)])
+@pytest.mark.parametrize(("write", "mode"), [(files.write_secret, 0o600), (files.write_public, 0o644)])
 def test_write_functions_ignore_a_planted_temp_file(
     tmp_path: Path, plant: Plant, write: Callable[[Path, bytes], None], mode: int
 ) -> None:
@@ -80,7 +80,7 @@ def test_write_secret_replaces_a_planted_link_at_the_final_name(tmp_path: Path) 
     target.parent.mkdir()
     (target.parent / "victim").write_bytes(VICTIM)
     os.symlink(target.parent / "victim", target)
-    pki.write_secret(target, b"key")
+    files.write_secret(target, b"key")
     assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o600
     assert (target.parent / "victim").read_bytes() == VICTIM
 
@@ -88,7 +88,7 @@ def test_write_secret_replaces_a_planted_link_at_the_final_name(tmp_path: Path) 
 def test_exact_mode_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o077)
     try:
-        pki.write_public(tmp_path / "ca.crt", b"cert")
+        files.write_public(tmp_path / "ca.crt", b"cert")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ca.crt").stat().st_mode) == 0o644
@@ -134,11 +134,11 @@ def test_admin_commands_with_planted_temp_files(
 
 @pytest.mark.parametrize("plant", PLANTS.values(), ids=PLANTS.keys())
 def test_profile_and_pin_writes_with_planted_temp_files(tmp_path: Path, plant: Plant) -> None:
-    profile, pins = tmp_path / "cfg/client.toml", tmp_path / "models" / modeladmin.PINS_FILE
+    profile, pins = tmp_path / "cfg/client.toml", tmp_path / "models" / modelpins.PINS_FILE
     _plant(plant, profile, pins)
     client.save_profile(
         profile, client.Profile(name="default", server="https://127.0.0.1:1", token="qa_secret_token")
     )
-    modeladmin.save_pin(pins.parent, "m.gguf", modeladmin.Pin("0" * 64, 1, "test"))
+    modelpins.save_pin(pins.parent, "m.gguf", modelpins.Pin("0" * 64, 1, "test"))
     _assert_safe(profile, 0o600)
     _assert_safe(pins, 0o644)

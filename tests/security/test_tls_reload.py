@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, DaemonFactory, add_client
 from cryptography.hazmat.primitives import serialization
-from helpers import wait_for
+from helpers import records, wait_for
 from rawtls import (
     REFUSED,
     Cert,
     ask,
-    audit_records,
     connect,
     context,
     exchange,
@@ -183,7 +182,7 @@ def test_rejected_tls_reload_leaves_the_old_context_whole(daemon_factory: Daemon
     assert str(d.setup.policy) in log and ("server.client_ca" in log or "server.tls_cert" in log)
     assert "hint" in log and "Traceback" not in log
     assert matrix(d, certs) == before and served_cert(d) == cert_before
-    assert [r for r in audit_records(d) if r["event"] == "policy.reload"][-1]["outcome"] == "rejected"
+    assert [r for r in records(d) if r["event"] == "policy.reload"][-1]["outcome"] == "rejected"
 
 
 def keepalive(d: Daemon, cert: Cert | None) -> ssl.SSLSocket:
@@ -198,7 +197,7 @@ def refused_as_stale(d: Daemon, tls: ssl.SSLSocket, why: str) -> None:
     reply = exchange(tls, head("GET", "/v1/models", d.setup.token))
     assert reply.status == 403 and reply.json()["error"]["type"] == "permission_error"
     assert has_security_headers(reply) and reply.headers["connection"] == "close"
-    rec = [r for r in audit_records(d) if r.get("request_id") == reply.headers["x-request-id"]]
+    rec = [r for r in records(d) if r.get("request_id") == reply.headers["x-request-id"]]
     assert rec and rec[0]["event"] == "request.refused_by_server" and why in rec[0]["reason"]
     assert rec[0]["status"] == 403 and rec[0]["source_ip"] == "127.0.0.1"
     assert exchange(tls, head("GET", "/v1/models", d.setup.token)).status == REFUSED

@@ -59,7 +59,9 @@ def test_health_and_ready(daemon: Daemon) -> None:
     assert ready.status_code == 200
     body = ready.json()
     assert body["status"] == "ready" and body["model"] == "tiny-qwen3vl" and body["images"]
-    assert body["gpu_offload"] == {"supported": False, "active": False}
+    offload = body["gpu_offload"]  # its values depend on the build and the box: a CUDA one may offload
+    assert set(offload) == {"supported", "active"} and all(isinstance(v, bool) for v in offload.values())
+    assert offload["supported"] or not offload["active"]
     assert ready.headers["x-request-id"]
 
 

@@ -98,9 +98,8 @@ def test_document_describes_every_api_route(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from appliance.admin.init import init
-    from appliance.config.policy import load_policy
-    from appliance.security import identity
-    from appliance.web import openapi
+    from appliance.config.load import load_policy
+    from appliance.web import openapi, routes
     from appliance.web.app import build_app
     setup = init(tmp_path / "s", listen="127.0.0.1:9443", model=tmp_path / "m.gguf", mmproj=None,
                  client="tester")
@@ -111,4 +110,4 @@ def test_document_describes_every_api_route(tmp_path: Path) -> None:
     doc = openapi.document(policy, SimpleNamespace(name="tiny"))  # type: ignore[arg-type]
     described = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
     assert served == described
-    assert identity.ROUTE_SCOPES["/openapi.json"] == "admin"
+    assert routes.ROUTE_SCOPES["/openapi.json"] == "admin"

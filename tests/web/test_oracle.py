@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Daemon, TinyModel, add_client, free_port, make_setup, png_bytes, start_daemon
+from helpers import records
 
-from appliance.audit.log import list_files
-from appliance.config.policy import load_policy
+from appliance.config.load import load_policy
 from appliance.errors import BadRequest
 from appliance.web.images import ImageLimits, read_confined
 
@@ -45,14 +45,9 @@ def oracle(
         d.stop()
 
 
-def _records(d: Daemon) -> list[dict[str, Any]]:
-    files = list_files(d.setup.policy.parent / "audit")
-    return [json.loads(x) for f in files for x in f.read_bytes().splitlines() if x.strip()]
-
-
 def _record(d: Daemon, r: httpx.Response) -> dict[str, Any]:
     rid = r.headers["x-request-id"]
-    found = [x for x in _records(d) if x.get("request_id") == rid and x["event"] == "request"]
+    found = [x for x in records(d) if x.get("request_id") == rid and x["event"] == "request"]
     assert len(found) == 1, rid
     return found[0]
 
