@@ -80,6 +80,7 @@ bench: $(STAMP) $(TINY_STAMP) $(BENCH_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check appliance tools tests
+	$(VENV)/bin/ruff format --check appliance tools tests
 	$(VENV)/bin/bandit -r appliance -ll -q  # medium and high; exceptions carry `# nosec BXXX` and why
 
 typecheck: $(STAMP)

@@ -36,9 +36,7 @@ class SetupError(ApplianceError):
 class ConfigError(SetupError):
     """A policy file that cannot be used; names the file and the key."""
 
-    def __init__(
-        self, file: Path | str, key: str | None, message: str, *, hint: str | None = None
-    ) -> None:
+    def __init__(self, file: Path | str, key: str | None, message: str, *, hint: str | None = None) -> None:
         where = f"{file}: [{key}]" if key else str(file)
         super().__init__(f"{where}: {message}", hint=hint)
         self.file = str(file)
@@ -107,6 +105,14 @@ class ClientError(ApplianceError):
 
 class BadRequest(ClientError):
     status = 400
+
+
+class ContextOverflow(BadRequest):
+    """A prompt refused only once it was tokenized: `tokens` is what that work cost (and is charged)."""
+
+    def __init__(self, message: str, *, tokens: int) -> None:
+        super().__init__(message)
+        self.tokens = tokens
 
 
 class Unauthorized(ClientError):

@@ -21,8 +21,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
-__all__ = ["TOMLDecodeError", "atomic_write", "durable_replace", "load_toml", "sha256_file", "tomllib",
-           "write_public", "write_secret"]
+__all__ = [
+    "TOMLDecodeError",
+    "atomic_write",
+    "durable_replace",
+    "load_toml",
+    "sha256_file",
+    "tomllib",
+    "write_public",
+    "write_secret",
+]
 
 CHUNK = 1 << 20  # read size for hashing: multi-GB models never sit in memory
 TOMLDecodeError = tomllib.TOMLDecodeError
@@ -51,8 +59,14 @@ def sha256_file(path: Path | str, limit: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes, mode: int, *, owner: tuple[int, int] | None = None,
-                 check: Callable[[Path], None] | None = None) -> None:
+def atomic_write(
+    path: Path,
+    data: bytes,
+    mode: int,
+    *,
+    owner: tuple[int, int] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> None:
     """Write a whole new file, then rename it over `path`: readers see the old or the new bytes, never a mix.
 
     The temp file has a random name and is created with O_EXCL|O_NOFOLLOW, so a file or symlink planted
@@ -94,7 +108,7 @@ def _fill(fd: int, data: bytes, mode: int, owner: tuple[int, int] | None) -> Non
     """All the bytes, the exact mode (not what the umask leaves) and the owner, on disk before the rename."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     os.fchmod(fd, mode)
     if owner is not None and owner != (os.geteuid(), os.getegid()):
         os.fchown(fd, *owner)
@@ -113,8 +127,13 @@ def _fsync_dir(directory: Path) -> None:
 def _verify_written(fd: int, path: Path, mode: int) -> None:
     """The name must now be our regular file with exactly `mode`; otherwise someone raced the rename."""
     mine, st = os.fstat(fd), os.lstat(path)
-    if (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino) or not stat.S_ISREG(st.st_mode) \
-            or stat.S_IMODE(st.st_mode) != mode:
-        raise SetupError(f"{path}: not the file just written with mode {mode:o} "
-                         f"(mode {stat.S_IMODE(st.st_mode):o}); another user may control {path.parent}",
-                         hint=f"use a folder only you can write (chmod 700 {path.parent}) and retry")
+    if (
+        (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
+        or not stat.S_ISREG(st.st_mode)
+        or stat.S_IMODE(st.st_mode) != mode
+    ):
+        raise SetupError(
+            f"{path}: not the file just written with mode {mode:o} "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); another user may control {path.parent}",
+            hint=f"use a folder only you can write (chmod 700 {path.parent}) and retry",
+        )

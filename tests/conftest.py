@@ -36,8 +36,9 @@ class TinyModel:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """The random-weight Qwen3-VL pair, generated fresh by the real tool."""
     out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, str(ROOT / "tools/make_tiny_model.py"), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools/make_tiny_model.py"), str(out)], check=True, capture_output=True
+    )
     return TinyModel(out / "tiny-qwen3vl-q8_0.gguf", out / "tiny-qwen3vl-mmproj.gguf")
 
 
@@ -47,8 +48,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64),
-              fmt: str = "PNG") -> bytes:
+def png_bytes(
+    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64), fmt: str = "PNG"
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
     return buf.getvalue()
@@ -73,16 +75,23 @@ class Daemon:
             ctx.load_cert_chain(str(self.setup.client_cert), str(self.setup.client_key))
         return ctx
 
-    def client(self, token: str | None = None, client_cert: bool = True, timeout: float = 60,
-               cert: tuple[Path, Path] | None = None, source: str | None = None) -> httpx.Client:
+    def client(
+        self,
+        token: str | None = None,
+        client_cert: bool = True,
+        timeout: float = 60,
+        cert: tuple[Path, Path] | None = None,
+        source: str | None = None,
+    ) -> httpx.Client:
         """An httpx client over mTLS; `cert` picks another client certificate, `source` a local IP."""
         headers = {"authorization": f"Bearer {token or self.setup.token}"}
         ctx = self.ssl_context(client_cert and cert is None)
         if cert is not None:
             ctx.load_cert_chain(str(cert[0]), str(cert[1]))
         transport = httpx.HTTPTransport(verify=ctx, local_address=source) if source else None
-        return httpx.Client(base_url=self.url, verify=ctx, headers=headers, timeout=timeout,
-                            transport=transport)
+        return httpx.Client(
+            base_url=self.url, verify=ctx, headers=headers, timeout=timeout, transport=transport
+        )
 
     def readyz(self) -> dict[str, Any]:
         with self.client(timeout=10) as c:
@@ -103,11 +112,9 @@ class Daemon:
         return int(self.proc.returncode)
 
 
-def make_setup(root: Path, tiny: TinyModel, port: int, edits: dict[str, str] | None = None
-               ) -> InitResult:
+def make_setup(root: Path, tiny: TinyModel, port: int, edits: dict[str, str] | None = None) -> InitResult:
     """`init` a set-up, then apply plain-text edits (`old line` → `new line`) to its policy."""
-    result = init(root, listen=f"127.0.0.1:{port}", model=tiny.model, mmproj=tiny.mmproj,
-                  client="tester")
+    result = init(root, listen=f"127.0.0.1:{port}", model=tiny.model, mmproj=tiny.mmproj, client="tester")
     text = result.policy.read_text()
     # One inference thread: with two on a 2-core CI box, OpenMP's thread hand-offs dominate a tiny model.
     edits = {"threads = 0 ": "threads = 1 ", **(edits or {})}
@@ -122,9 +129,13 @@ def start_daemon(setup: InitResult, port: int, log_path: Path, timeout: float = 
     """Start the real daemon and wait until /readyz answers 200 over mTLS."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
     log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--policy",
-                             str(setup.policy)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--policy", str(setup.policy)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
     daemon = Daemon(setup, f"https://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,6 +159,7 @@ def issue_client_cert(setup: InitResult, cn: str, **validity: Any) -> tuple[Path
     from cryptography.hazmat.primitives import serialization
 
     from appliance.security import pki
+
     tls = setup.policy.parent / "tls"
     ca = pki.load(tls / "ca.crt", tls / "ca.key")
     issued = pki.new_client_cert(ca, cn, **validity)
@@ -160,9 +172,15 @@ def issue_client_cert(setup: InitResult, cn: str, **validity: Any) -> tuple[Path
 def add_client(policy: Path, name: str, scopes: tuple[str, ...] = ("chat",), **keys: str) -> str:
     """Append a [[clients]] table (values are TOML literals) and return the new token."""
     from appliance.security.tokens import new_token, token_digest
+
     token = new_token()
-    lines = ["", "[[clients]]", f'name = "{name}"', f'token_sha256 = "{token_digest(token)}"',
-             "scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]"]
+    lines = [
+        "",
+        "[[clients]]",
+        f'name = "{name}"',
+        f'token_sha256 = "{token_digest(token)}"',
+        "scopes = [" + ", ".join(f'"{s}"' for s in scopes) + "]",
+    ]
     lines += [f"{k} = {v}" for k, v in keys.items()]
     with policy.open("a") as f:
         f.write("\n".join(lines) + "\n")
@@ -177,8 +195,11 @@ def daemon_factory(tmp_path: Path, tiny_model: TinyModel) -> Iterator[DaemonFact
     """Start daemons with policy edits; every one is stopped at the end of the test."""
     started: list[Daemon] = []
 
-    def factory(edits: dict[str, str] | None = None, name: str = "d",
-                prepare: Callable[[InitResult], None] | None = None) -> Daemon:
+    def factory(
+        edits: dict[str, str] | None = None,
+        name: str = "d",
+        prepare: Callable[[InitResult], None] | None = None,
+    ) -> Daemon:
         port = free_port()
         setup = make_setup(tmp_path / name, tiny_model, port, edits)
         if prepare is not None:
@@ -197,12 +218,17 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> I
     """One daemon shared by a test module, with small limits so refusals are cheap to provoke."""
     root = tmp_path_factory.mktemp("daemon")
     port = free_port()
-    setup = make_setup(root / "setup", tiny_model, port, {
-        "max_body_bytes = 20_000_000": "max_body_bytes = 3_000_000",
-        "max_image_bytes = 10_000_000": "max_image_bytes = 1_000_000",
-        "max_image_pixels = 16_000_000": "max_image_pixels = 1_000_000",
-        "max_tokens = 2048": "max_tokens = 256",
-    })
+    setup = make_setup(
+        root / "setup",
+        tiny_model,
+        port,
+        {
+            "max_body_bytes = 20_000_000": "max_body_bytes = 3_000_000",
+            "max_image_bytes = 10_000_000": "max_image_bytes = 1_000_000",
+            "max_image_pixels = 16_000_000": "max_image_pixels = 1_000_000",
+            "max_tokens = 2048": "max_tokens = 256",
+        },
+    )
     d = start_daemon(setup, port, root / "daemon.log")
     try:
         yield d

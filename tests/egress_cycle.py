@@ -36,11 +36,16 @@ def loopback_up() -> None:
 
 def client(setup: Path, port: int) -> httpx.Client:
     import ssl
+
     ctx = ssl.create_default_context(cafile=str(setup / "tls/ca.crt"))
     ctx.load_cert_chain(str(setup / "clients/tester/client.crt"), str(setup / "clients/tester/client.key"))
     token = (setup / "token").read_text().strip()
-    return httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ctx, timeout=30,
-                        headers={"authorization": f"Bearer {token}"})
+    return httpx.Client(
+        base_url=f"https://127.0.0.1:{port}",
+        verify=ctx,
+        timeout=30,
+        headers={"authorization": f"Bearer {token}"},
+    )
 
 
 def wait_ready(c: httpx.Client, proc: subprocess.Popen[bytes]) -> None:
@@ -57,10 +62,24 @@ def wait_ready(c: httpx.Client, proc: subprocess.Popen[bytes]) -> None:
 def cycle(setup: Path, port: int, c: httpx.Client, proc: subprocess.Popen[bytes]) -> dict[str, object]:
     wait_ready(c, proc)
     image = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    text = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                "max_tokens": 4})
-    pic = c.post("/v1/chat/completions", json={"max_tokens": 4, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "what?"}]}]})
+    text = c.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    )
+    pic = c.post(
+        "/v1/chat/completions",
+        json={
+            "max_tokens": 4,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image}},
+                        {"type": "text", "text": "what?"},
+                    ],
+                }
+            ],
+        },
+    )
     daemon = psutil.Process(proc.pid).children()[0]  # signals go to the daemon, not to strace
     daemon.send_signal(signal.SIGHUP)
     time.sleep(1.5)
@@ -73,8 +92,21 @@ def cycle(setup: Path, port: int, c: httpx.Client, proc: subprocess.Popen[bytes]
 def main() -> None:
     setup, port, log = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     loopback_up()
-    cmd = ["strace", "-f", "-qq", "-e", TRACE, "-o", log, sys.executable, "-m", "appliance", "serve",
-           "--policy", str(setup / "policy.toml")]
+    cmd = [
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        TRACE,
+        "-o",
+        log,
+        sys.executable,
+        "-m",
+        "appliance",
+        "serve",
+        "--policy",
+        str(setup / "policy.toml"),
+    ]
     with open(setup / "daemon.log", "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         try:

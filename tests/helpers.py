@@ -15,8 +15,13 @@ from conftest import ROOT, Daemon
 
 from appliance.audit.log import list_files
 
-LONG = {"model": "tiny-qwen3vl", "messages": [{"role": "user", "content": "Write a long report"}],
-        "max_tokens": 30000, "temperature": 0, "stream": True}
+LONG = {
+    "model": "tiny-qwen3vl",
+    "messages": [{"role": "user", "content": "Write a long report"}],
+    "max_tokens": 30000,
+    "temperature": 0,
+    "stream": True,
+}
 # The tiny model decodes thousands of tokens per second; a long context keeps one generation busy.
 LONG_EDITS = {"n_ctx = 4096": "n_ctx = 32768", "max_tokens = 2048": "max_tokens = 30000"}
 SHORT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -34,8 +39,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30) -> bool:
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`python -m appliance ARGS` from the repository root, output captured."""
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def cli_main(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
@@ -50,8 +56,9 @@ def cli_main(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int
 def records(d: Daemon) -> list[dict[str, Any]]:
     """Every record of a test daemon's audit trail, in file order."""
     audit = d.setup.policy.parent / "audit"
-    return [json.loads(line) for p in list_files(audit) for line in p.read_bytes().splitlines()
-            if line.strip()]
+    return [
+        json.loads(line) for p in list_files(audit) for line in p.read_bytes().splitlines() if line.strip()
+    ]
 
 
 def by_request(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

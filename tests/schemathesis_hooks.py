@@ -83,8 +83,10 @@ def _positive(case: Any) -> bool:
 @schemathesis.hook
 def filter_case(context: Any, case: Any) -> bool:
     """At most [limits] max_images image parts in one valid request (a rule across messages)."""
-    return not _positive(case) or sum(k == "url" or k == "image_url" for _, k in _image_refs(case.body)) \
-        <= MAX_IMAGES
+    return (
+        not _positive(case)
+        or sum(k == "url" or k == "image_url" for _, k in _image_refs(case.body)) <= MAX_IMAGES
+    )
 
 
 @schemathesis.hook
@@ -93,9 +95,17 @@ def map_case(context: Any, case: Any) -> Any:
     if _positive(case):
         for container, key in _image_refs(case.body):
             if not _decodable(container[key]):
-                fmt = "JPEG" if "jp" in container[key][:16].lower() else \
-                    "WEBP" if "webp" in container[key][:16].lower() else "PNG"
-                prefix = container[key].split(",")[0] + "," if "," in container[key] else \
-                    f"data:image/{MIME[fmt]};base64,"
+                fmt = (
+                    "JPEG"
+                    if "jp" in container[key][:16].lower()
+                    else "WEBP"
+                    if "webp" in container[key][:16].lower()
+                    else "PNG"
+                )
+                prefix = (
+                    container[key].split(",")[0] + ","
+                    if "," in container[key]
+                    else f"data:image/{MIME[fmt]};base64,"
+                )
                 container[key] = prefix + base64.b64encode(encode(fmt, 8, 8, (1, 2, 3))).decode()
     return case

@@ -18,13 +18,29 @@ from appliance.errors import (
 
 
 def test_error_types_come_from_the_classes() -> None:
-    assert client_error_types() == ["invalid_request_error", "authentication_error", "permission_error",
-                                    "not_found_error", "request_too_large", "unsupported_media_type",
-                                    "rate_limit_error", "overloaded_error", INTERNAL_ERROR]
+    assert client_error_types() == [
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "request_too_large",
+        "unsupported_media_type",
+        "rate_limit_error",
+        "overloaded_error",
+        INTERNAL_ERROR,
+    ]
     assert {s: error_type(s) for s in (400, 404, 405, 413, 415, 422, 429, 431, 500, 503)} == {
-        400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-        413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_request_error",
-        429: "rate_limit_error", 431: "request_too_large", 500: INTERNAL_ERROR, 503: "overloaded_error"}
+        400: "invalid_request_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        413: "request_too_large",
+        415: "unsupported_media_type",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+        431: "request_too_large",
+        500: INTERNAL_ERROR,
+        503: "overloaded_error",
+    }
     assert HeaderFieldsTooLarge.type == PayloadTooLarge.type and issubclass(ClientError, ApplianceError)
 
 

@@ -18,7 +18,7 @@ def test_sha256_file_streams_whole_files_and_bounded_prefixes(tmp_path: Path) ->
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert files.sha256_file(path) == hashlib.sha256(data).hexdigest()
-    prefix = data[:files.CHUNK + 5]
+    prefix = data[: files.CHUNK + 5]
     assert files.sha256_file(str(path), limit=len(prefix)) == hashlib.sha256(prefix).hexdigest()
     assert files.sha256_file(path, limit=0) == hashlib.sha256(b"").hexdigest()
     with pytest.raises(FileNotFoundError):
@@ -27,9 +27,12 @@ def test_sha256_file_streams_whole_files_and_bounded_prefixes(tmp_path: Path) ->
 
 def test_no_module_uses_what_python_310_lacks() -> None:
     """Issue 12 defect: `hashlib.file_digest` is 3.11+, while requires-python says 3.10."""
-    used = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in sorted((ROOT / "appliance").rglob("*.py"))
-            for n in ast.walk(ast.parse(p.read_text()))
-            if isinstance(n, ast.Attribute) and n.attr == "file_digest"]
+    used = [
+        f"{p.relative_to(ROOT)}:{n.lineno}"
+        for p in sorted((ROOT / "appliance").rglob("*.py"))
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, ast.Attribute) and n.attr == "file_digest"
+    ]
     assert not used
     assert 'requires-python = ">=3.10"' in (ROOT / "pyproject.toml").read_text()
 
@@ -38,6 +41,9 @@ def test_one_toml_reader() -> None:
     assert files.load_toml('a = 1\n[b]\nc = "d"\n') == {"a": 1, "b": {"c": "d"}}
     with pytest.raises(files.TOMLDecodeError):
         files.load_toml("a = ")
-    shims = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "appliance").rglob("*.py"))
-             if "import tomli" in p.read_text() and p.name != "files.py"]
+    shims = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "appliance").rglob("*.py"))
+        if "import tomli" in p.read_text() and p.name != "files.py"
+    ]
     assert not shims

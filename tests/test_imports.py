@@ -18,12 +18,15 @@ MAX_FUNCTION_LINES = 60
 LEAVES = frozenset({"appliance", "appliance.errors", "appliance.files", "appliance.text"})
 # Known imports of the engine's serving front door by the web layer: the request queue (Scheduler, Job)
 # and the NVML monitor. Listed so that no other one appears; remove a row once its import is gone.
-ENGINE_FRONT_DOOR = frozenset({
-    ("appliance.web.chat", "appliance.engine.scheduler"),
-    ("appliance.web.runtime", "appliance.engine.scheduler"),
-    ("appliance.web.runtime", "appliance.engine.gpu"),
-    ("appliance.web.health", "appliance.engine.gpu"),
-})
+ENGINE_FRONT_DOOR = frozenset(
+    {
+        ("appliance.web.chat", "appliance.engine.scheduler"),
+        ("appliance.web.chat", "appliance.engine.job"),
+        ("appliance.web.runtime", "appliance.engine.scheduler"),
+        ("appliance.web.runtime", "appliance.engine.gpu"),
+        ("appliance.web.health", "appliance.engine.gpu"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -106,35 +109,51 @@ def test_the_tree_is_parsed() -> None:
 
 
 def test_only_the_engine_imports_llama_cpp() -> None:
-    found = sorted(m.name for m in MODULES.values()
-                   if not _in(m.name, "appliance.engine") and any(_in(i, "llama_cpp") for i in imports(m)))
+    found = sorted(
+        m.name
+        for m in MODULES.values()
+        if not _in(m.name, "appliance.engine") and any(_in(i, "llama_cpp") for i in imports(m))
+    )
     assert found == []
 
 
 def test_web_security_and_audit_use_only_the_engines_data_types() -> None:
-    found = sorted((m.name, i) for pkg in ("appliance.web", "appliance.security", "appliance.audit")
-                   for m in _under(pkg) for i in _ours(m)
-                   if _in(i, "appliance.engine") and i != "appliance.engine.types")
+    found = sorted(
+        (m.name, i)
+        for pkg in ("appliance.web", "appliance.security", "appliance.audit")
+        for m in _under(pkg)
+        for i in _ours(m)
+        if _in(i, "appliance.engine") and i != "appliance.engine.types"
+    )
     assert [f for f in found if f not in ENGINE_FRONT_DOOR] == []
     assert set(found) == ENGINE_FRONT_DOOR, "an import listed in ENGINE_FRONT_DOOR is gone: drop its row"
 
 
 def test_the_daemon_never_loads_admin_code() -> None:
-    found = sorted((m.name, i) for m in _under("appliance.daemon") for i in _closure(m.name)
-                   if _in(i, "appliance.admin"))
+    found = sorted(
+        (m.name, i) for m in _under("appliance.daemon") for i in _closure(m.name) if _in(i, "appliance.admin")
+    )
     assert found == []
 
 
 def test_the_staff_client_loads_nothing_of_the_daemon() -> None:
     allowed = LEAVES | {"appliance.security", "appliance.security.pki"}
-    found = sorted((m.name, i) for m in _under("appliance.client") for i in _closure(m.name)
-                   if i not in allowed and not _in(i, "appliance.client"))
+    found = sorted(
+        (m.name, i)
+        for m in _under("appliance.client")
+        for i in _closure(m.name)
+        if i not in allowed and not _in(i, "appliance.client")
+    )
     assert found == []
 
 
 def test_models_never_import_admin_or_daemon_code() -> None:
-    found = sorted((m.name, i) for m in _under("appliance.models") for i in _closure(m.name)
-                   if _in(i, "appliance.admin") or _in(i, "appliance.daemon"))
+    found = sorted(
+        (m.name, i)
+        for m in _under("appliance.models")
+        for i in _closure(m.name)
+        if _in(i, "appliance.admin") or _in(i, "appliance.daemon")
+    )
     assert found == []
 
 
@@ -145,19 +164,29 @@ def test_leaves_import_only_leaves() -> None:
 
 def test_every_package_says_what_it_owns_and_never_imports() -> None:
     """Each package's __init__ docstring: what it owns, and what it must never import."""
-    vague = sorted(m.name for m in MODULES.values() if m.is_package and m.name != "appliance"
-                   and "never" not in (ast.get_docstring(m.tree) or "").lower())
+    vague = sorted(
+        m.name
+        for m in MODULES.values()
+        if m.is_package and m.name != "appliance" and "never" not in (ast.get_docstring(m.tree) or "").lower()
+    )
     assert vague == []
 
 
 def test_no_module_over_400_lines() -> None:
-    long = sorted((m.name, n) for m in MODULES.values()
-                  if (n := len(m.path.read_text().splitlines())) > MAX_MODULE_LINES)
+    long = sorted(
+        (m.name, n)
+        for m in MODULES.values()
+        if (n := len(m.path.read_text().splitlines())) > MAX_MODULE_LINES
+    )
     assert long == []
 
 
 def test_no_function_over_60_lines() -> None:
-    long = sorted((m.name, f.name, n) for m in MODULES.values() for f in ast.walk(m.tree)
-                  if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
-                  and (n := (f.end_lineno or f.lineno) - f.lineno + 1) > MAX_FUNCTION_LINES)
+    long = sorted(
+        (m.name, f.name, n)
+        for m in MODULES.values()
+        for f in ast.walk(m.tree)
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (n := (f.end_lineno or f.lineno) - f.lineno + 1) > MAX_FUNCTION_LINES
+    )
     assert long == []

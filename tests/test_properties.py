@@ -37,22 +37,49 @@ SLOW = settings(max_examples=150, deadline=None, suppress_health_check=list(Heal
 # --- the policy parser ------------------------------------------------------------------------------
 
 toml_scalars = st.one_of(
-    st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(), st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.booleans(),
     st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40),
-    st.sampled_from(["~", "~nobody/x", "~no-such-user/x", "0.0.0.0:8443", "[::1]:0", "10.0.0.0/33",
-                     "60/minute", "0/second", "a" * 64, "/dev/null", "..", "required", "off"]),
-    st.dates(), st.datetimes(), st.times())
-toml_values = st.recursive(toml_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=8)
+    st.sampled_from(
+        [
+            "~",
+            "~nobody/x",
+            "~no-such-user/x",
+            "0.0.0.0:8443",
+            "[::1]:0",
+            "10.0.0.0/33",
+            "60/minute",
+            "0/second",
+            "a" * 64,
+            "/dev/null",
+            "..",
+            "required",
+            "off",
+        ]
+    ),
+    st.dates(),
+    st.datetimes(),
+    st.times(),
+)
+toml_values = st.recursive(
+    toml_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 POLICY_KEYS = [(s.section, s.key) for s in SETTINGS]
 
 
 @pytest.fixture(scope="module")
 def policy_text(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     from appliance.admin.init import init
+
     root = tmp_path_factory.mktemp("policy")
-    result = init(root / "s", listen="127.0.0.1:9443", model=root / "m.gguf", mmproj=root / "p.gguf",
-                  client="tester")
+    result = init(
+        root / "s", listen="127.0.0.1:9443", model=root / "m.gguf", mmproj=root / "p.gguf", client="tester"
+    )
     return result.policy, result.policy.read_text()
 
 
@@ -67,8 +94,9 @@ def _mutated(text: str, edits: list[tuple[tuple[str, str], Any]]) -> str:
 @FAST
 @given(edits=st.lists(st.tuples(st.sampled_from(POLICY_KEYS), toml_values), min_size=1, max_size=4))
 @example(edits=[(("model", "path"), "~no-such-user/model.gguf")])  # was a RuntimeError traceback
-def test_policy_any_value_is_a_config_error_or_a_policy(policy_text: tuple[Path, str],
-                                                        edits: list[tuple[tuple[str, str], Any]]) -> None:
+def test_policy_any_value_is_a_config_error_or_a_policy(
+    policy_text: tuple[Path, str], edits: list[tuple[tuple[str, str], Any]]
+) -> None:
     path, text = policy_text
     try:
         mutated = _mutated(text, edits)
@@ -95,14 +123,18 @@ def test_policy_any_bytes_are_a_config_error(policy_text: tuple[Path, str], raw:
 
 ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
-networks = st.one_of(ipv4, ipv6).flatmap(lambda a: st.integers(0, 32 if "." in a else 128).map(
-    lambda p: ipaddress.ip_network(f"{a}/{p}", strict=False)))
+networks = st.one_of(ipv4, ipv6).flatmap(
+    lambda a: st.integers(0, 32 if "." in a else 128).map(
+        lambda p: ipaddress.ip_network(f"{a}/{p}", strict=False)
+    )
+)
 
 
 def _policy(allow: list[Any], proxies: list[Any], clients: tuple[Client, ...] = ()) -> Any:
     class P:
         class server:  # stands in for ServerPolicy
             pass
+
     P.server.allow = tuple(allow)  # type: ignore[attr-defined]
     P.server.trusted_proxies = tuple(proxies)  # type: ignore[attr-defined]
     P.server.revoked = frozenset()  # type: ignore[attr-defined]
@@ -116,11 +148,17 @@ def _in(ip: str, nets: list[Any]) -> bool:
 
 
 @FAST
-@given(peer=st.one_of(ipv4, ipv6), allow=st.lists(networks, max_size=4),
-       proxies=st.lists(networks, max_size=2), forwarded=st.one_of(
-           st.none(), st.text(max_size=60), st.lists(st.one_of(ipv4, ipv6), max_size=4).map(", ".join)))
-def test_network_gate_matches_the_ipaddress_oracle(peer: str, allow: list[Any], proxies: list[Any],
-                                                  forwarded: str | None) -> None:
+@given(
+    peer=st.one_of(ipv4, ipv6),
+    allow=st.lists(networks, max_size=4),
+    proxies=st.lists(networks, max_size=2),
+    forwarded=st.one_of(
+        st.none(), st.text(max_size=60), st.lists(st.one_of(ipv4, ipv6), max_size=4).map(", ".join)
+    ),
+)
+def test_network_gate_matches_the_ipaddress_oracle(
+    peer: str, allow: list[Any], proxies: list[Any], forwarded: str | None
+) -> None:
     headers = [(b"x-forwarded-for", forwarded.encode("latin-1", "replace"))] if forwarded is not None else []
     scope = {"client": (peer, 1234), "headers": headers}
     policy = _policy(allow, proxies)
@@ -140,13 +178,20 @@ def test_network_gate_matches_the_ipaddress_oracle(peer: str, allow: list[Any], 
 
 
 @FAST
-@given(shown=st.one_of(st.text(alphabet=st.characters(max_codepoint=255), max_size=80),
-                       st.sampled_from(["Bearer ", "bearer  x", "Basic abc", ""])),
-       pick=st.integers(0, 3), duplicate=st.booleans())
+@given(
+    shown=st.one_of(
+        st.text(alphabet=st.characters(max_codepoint=255), max_size=80),
+        st.sampled_from(["Bearer ", "bearer  x", "Basic abc", ""]),
+    ),
+    pick=st.integers(0, 3),
+    duplicate=st.booleans(),
+)
 def test_identify_finds_exactly_the_token_holder(shown: str, pick: int, duplicate: bool) -> None:
     tokens = [new_token() for _ in range(3)]
-    clients = tuple(Client(name=f"c{i}", token_sha256=token_digest(t), scopes=frozenset({"chat"}))
-                    for i, t in enumerate(tokens))
+    clients = tuple(
+        Client(name=f"c{i}", token_sha256=token_digest(t), scopes=frozenset({"chat"}))
+        for i, t in enumerate(tokens)
+    )
     value = f"Bearer {tokens[pick]}" if pick < 3 else shown
     headers = [(b"authorization", value.encode("latin-1"))] * (2 if duplicate else 1)
     scope = {"client": ("127.0.0.1", 1), "headers": headers}
@@ -174,11 +219,11 @@ def mutated_images(draw: st.DrawFn) -> bytes:
         if op == "flip" and at < len(data):
             data[at] ^= draw(st.integers(1, 255))
         elif op == "cut":
-            del data[at:at + draw(st.integers(1, 64))]
+            del data[at : at + draw(st.integers(1, 64))]
         elif op == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         elif at < len(data):
-            data[at:at + 4] = b"\xff\xff\xff\xff"
+            data[at : at + 4] = b"\xff\xff\xff\xff"
     return bytes(data)
 
 
@@ -192,20 +237,44 @@ def _decodes_or_refuses(data: bytes) -> None:
 
 
 @SLOW
-@given(data=st.one_of(mutated_images(), st.binary(max_size=2000),
-                      st.binary(max_size=200).map(lambda b: b"\x89PNG\r\n\x1a\n" + b),
-                      st.binary(max_size=200).map(lambda b: b"RIFF\x00\x01\x00\x00WEBPVP8 " + b),
-                      st.binary(max_size=200).map(lambda b: b"\xff\xd8\xff\xe0" + b)))
+@given(
+    data=st.one_of(
+        mutated_images(),
+        st.binary(max_size=2000),
+        st.binary(max_size=200).map(lambda b: b"\x89PNG\r\n\x1a\n" + b),
+        st.binary(max_size=200).map(lambda b: b"RIFF\x00\x01\x00\x00WEBPVP8 " + b),
+        st.binary(max_size=200).map(lambda b: b"\xff\xd8\xff\xe0" + b),
+    )
+)
 def test_decode_any_bytes_is_an_image_or_a_client_error(data: bytes) -> None:
     _decodes_or_refuses(data)
 
 
 @FAST
-@given(text=st.one_of(st.text(max_size=200), st.builds(
-    lambda prefix, body: prefix + body,
-    st.sampled_from(["data:image/png;base64,", "DATA:IMAGE/JPG;BASE64,", "data:image/webp;base64,",
-                     "data:image/gif;base64,", "data:", "", "/", "../", "data:image/png;base64"]),
-    st.one_of(st.text(max_size=100), st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())))))
+@given(
+    text=st.one_of(
+        st.text(max_size=200),
+        st.builds(
+            lambda prefix, body: prefix + body,
+            st.sampled_from(
+                [
+                    "data:image/png;base64,",
+                    "DATA:IMAGE/JPG;BASE64,",
+                    "data:image/webp;base64,",
+                    "data:image/gif;base64,",
+                    "data:",
+                    "",
+                    "/",
+                    "../",
+                    "data:image/png;base64",
+                ]
+            ),
+            st.one_of(
+                st.text(max_size=100), st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())
+            ),
+        ),
+    )
+)
 def test_image_strings_are_an_image_or_a_client_error(data_dir: Path, text: str) -> None:
     limits = ImageLimits(LIMITS.max_image_bytes, LIMITS.max_image_pixels, data_dir)
     for parse in (from_image_url, from_api_field):
@@ -232,8 +301,10 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "audit.key").write_text(new_hmac_key())
     (root / "audit.key").chmod(0o600)
     clock = iter(range(1_800_000_000, 1_800_000_000 + 10**6, 10))
-    log = AuditLog(AuditPolicy.with_defaults(dir=root / "audit", hmac_key_file=root / "audit.key",
-                                             rotate_bytes=1500), clock=lambda: float(next(clock)))
+    log = AuditLog(
+        AuditPolicy.with_defaults(dir=root / "audit", hmac_key_file=root / "audit.key", rotate_bytes=1500),
+        clock=lambda: float(next(clock)),
+    )
     log.open()
     for i in range(24):
         log.write("request", request_id=f"{i:024x}", client="tester", status=200, route="/v1/models")
@@ -245,17 +316,24 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @st.composite
 def mutations(draw: st.DrawFn) -> tuple[str, int, int, bytes]:
-    op = draw(st.sampled_from(["edit", "delete", "swap", "duplicate", "insert", "truncate", "drop_file",
-                               "json", "junk"]))
+    op = draw(
+        st.sampled_from(
+            ["edit", "delete", "swap", "duplicate", "insert", "truncate", "drop_file", "json", "junk"]
+        )
+    )
     a, b = draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6))
     return op, a, b, draw(st.binary(min_size=1, max_size=8))
 
 
-JSON_LINES = st.one_of(st.just(b"[1]"), st.just(b'{"seq": [1], "prev": [], "event": {}}'), st.just(
-    b'{"seq":1,"prev":[],"event":"x"}'), st.just(b'{"seq":"1e5","prev":"","event":""}'),
+JSON_LINES = st.one_of(
+    st.just(b"[1]"),
+    st.just(b'{"seq": [1], "prev": [], "event": {}}'),
+    st.just(b'{"seq":1,"prev":[],"event":"x"}'),
+    st.just(b'{"seq":"1e5","prev":"","event":""}'),
     st.just(b'{"seq":2,"prev":"x","event":"audit.retention_delete","last_hash":["a"],"file":"f"}'),
     st.just(b'{"seq":true,"prev":null,"event":null}'),
-    st.just(b'{"seq":1.5,"prev":"0","event":"audit.seal"}'))
+    st.just(b'{"seq":1.5,"prev":"0","event":"audit.seal"}'),
+)
 
 
 def _apply(files: list[Path], m: tuple[str, int, int, bytes], json_line: bytes) -> None:
@@ -269,7 +347,7 @@ def _apply(files: list[Path], m: tuple[str, int, int, bytes], json_line: bytes) 
     i, j = a % len(lines), b % len(lines)
     if op == "edit":
         pos = b % max(1, len(lines[i]) - 1)
-        lines[i] = lines[i][:pos] + bytes([lines[i][pos] ^ (junk[0] or 1)]) + lines[i][pos + 1:]
+        lines[i] = lines[i][:pos] + bytes([lines[i][pos] ^ (junk[0] or 1)]) + lines[i][pos + 1 :]
     elif op == "delete":
         del lines[i]
     elif op == "swap":
@@ -292,10 +370,13 @@ def _snapshot(directory: Path) -> dict[str, list[bytes]]:
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ms=st.lists(mutations(), min_size=1, max_size=3), json_line=JSON_LINES)
 @example(ms=[("drop_file", 3, 0, b"x")], json_line=b"[1]")  # the newest of the 4 files: found once missed
-@example(ms=[("json", 4, 0, b"x")], json_line=b'{"seq":2,"prev":"x","event":"audit.retention_delete",'
-         b'"last_hash":["a"],"file":"f"}')  # crashed the verifier (unhashable list) once
-def test_every_mutation_of_the_trail_is_detected(trail: Path, ms: list[tuple[str, int, int, bytes]],
-                                                 json_line: bytes) -> None:
+@example(
+    ms=[("json", 4, 0, b"x")],
+    json_line=b'{"seq":2,"prev":"x","event":"audit.retention_delete","last_hash":["a"],"file":"f"}',
+)  # crashed the verifier (unhashable list) once
+def test_every_mutation_of_the_trail_is_detected(
+    trail: Path, ms: list[tuple[str, int, int, bytes]], json_line: bytes
+) -> None:
     work = Path(tempfile.mkdtemp())
     try:
         copy = work / "audit"

@@ -64,6 +64,7 @@ def _chat(content: Any, max_tokens: int, system: str | None = None) -> dict[str,
 def _png(size: int, seed: int = 1) -> str:
     """A noisy PNG data URI (noise keeps the encoded size honest)."""
     from PIL import Image
+
     rnd = random.Random(seed)
     img = Image.frombytes("RGB", (size, size), bytes(rnd.getrandbits(8) for _ in range(size * size * 3)))
     buf = io.BytesIO()
@@ -72,8 +73,13 @@ def _png(size: int, seed: int = 1) -> str:
 
 
 def _image_chat(size: int, max_tokens: int = 32) -> dict[str, Any]:
-    return _chat([{"type": "image_url", "image_url": {"url": _png(size)}},
-                  {"type": "text", "text": "What is the total on this statement?"}], max_tokens)
+    return _chat(
+        [
+            {"type": "image_url", "image_url": {"url": _png(size)}},
+            {"type": "text", "text": "What is the total on this statement?"},
+        ],
+        max_tokens,
+    )
 
 
 def long_text(lines: int) -> str:
@@ -81,8 +87,9 @@ def long_text(lines: int) -> str:
     return " ".join(f"Line {i}: the account balance moved by {i * 37 % 1000} euros." for i in range(lines))
 
 
-SYSTEM_TEXT = " ".join(f"Rule {i}: answer only from the documents, cite the page, never guess."
-                       for i in range(30))
+SYSTEM_TEXT = " ".join(
+    f"Rule {i}: answer only from the documents, cite the page, never guess." for i in range(30)
+)
 
 
 def workloads(n: int, long_lines: int) -> list[Workload]:
@@ -125,10 +132,12 @@ class HttpTarget:
 
     def client(self) -> Any:
         import httpx
+
         c = getattr(self._local, "client", None)
         if c is None:
-            c = self._local.client = httpx.Client(base_url=self.url, headers=self.headers,
-                                                  verify=self.verify, timeout=600)
+            c = self._local.client = httpx.Client(
+                base_url=self.url, headers=self.headers, verify=self.verify, timeout=600
+            )
         return c
 
     def call(self, body: dict[str, Any], stream: bool) -> Record:
@@ -205,8 +214,15 @@ def inproc_worker(model: str, mmproj: str | None, threads: int) -> None:
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     def load(handler: Any = None) -> Any:
-        return llama_cpp.Llama(model_path=model, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
-                               n_gpu_layers=-1, chat_handler=handler, verbose=False)
+        return llama_cpp.Llama(
+            model_path=model,
+            n_ctx=N_CTX,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=-1,
+            chat_handler=handler,
+            verbose=False,
+        )
 
     text_llm = load()
     mm_llm = load(MTMDChatHandler(clip_model_path=mmproj, verbose=False)) if mmproj else None
@@ -247,9 +263,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, proc: subprocess.Popen[Any], verify: Any = False, headers: Any = None,
-              path: str = "/v1/models", timeout: float = 120) -> None:
+def wait_http(
+    url: str,
+    proc: subprocess.Popen[Any],
+    verify: Any = False,
+    headers: Any = None,
+    path: str = "/v1/models",
+    timeout: float = 120,
+) -> None:
     import httpx
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -272,10 +295,23 @@ class Running:
 
 
 def start_inproc(args: argparse.Namespace, logs: Path) -> Running:
-    cmd = [sys.executable, __file__, "--inproc-worker", "--model", str(args.model), "--threads",
-           str(args.threads)] + (["--mmproj", str(args.mmproj)] if args.mmproj else [])
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            stderr=(logs / "inproc.log").open("w"), env=_env())
+    cmd = [
+        sys.executable,
+        __file__,
+        "--inproc-worker",
+        "--model",
+        str(args.model),
+        "--threads",
+        str(args.threads),
+    ] + (["--mmproj", str(args.mmproj)] if args.mmproj else [])
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        stderr=(logs / "inproc.log").open("w"),
+        env=_env(),
+    )
     assert proc.stdout is not None
     if "ready" not in proc.stdout.readline():
         raise RuntimeError(f"in-process worker failed; see {logs / 'inproc.log'}")
@@ -289,67 +325,144 @@ def _env() -> dict[str, str]:
 def start_appliance(args: argparse.Namespace, work: Path, logs: Path) -> Running:
     """`init` a fresh set-up (mTLS, token, audit with fsync), then serve it."""
     port = free_port()
-    cmd = [str(APPLIANCE_PY), "-m", "appliance", "init", str(work / "appliance"), "--json", "--listen",
-           f"127.0.0.1:{port}", "--model", str(args.model), "--client", "bench"]
+    cmd = [
+        str(APPLIANCE_PY),
+        "-m",
+        "appliance",
+        "init",
+        str(work / "appliance"),
+        "--json",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--model",
+        str(args.model),
+        "--client",
+        "bench",
+    ]
     cmd += ["--mmproj", str(args.mmproj)] if args.mmproj else []
     setup = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
     policy = Path(setup["policy"])
     text = policy.read_text()
-    for old, new in {"threads = 0 ": f"threads = {args.threads} ", "parallel = 4 ": f"parallel = {PARALLEL} ",
-                     f"n_ctx = {N_CTX}": f"n_ctx = {N_CTX}", "max_queue = 16": "max_queue = 256"}.items():
+    for old, new in {
+        "threads = 0 ": f"threads = {args.threads} ",
+        "parallel = 4 ": f"parallel = {PARALLEL} ",
+        f"n_ctx = {N_CTX}": f"n_ctx = {N_CTX}",
+        "max_queue = 16": "max_queue = 256",
+    }.items():
         text = text.replace(old, new)
     cache_token = _add_cache_client(policy, text)
-    proc = subprocess.Popen([str(APPLIANCE_PY), "-m", "appliance", "serve", "--policy", str(policy)],
-                            stdout=(logs / "appliance.log").open("w"), stderr=subprocess.STDOUT,
-                            env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [str(APPLIANCE_PY), "-m", "appliance", "serve", "--policy", str(policy)],
+        stdout=(logs / "appliance.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        cwd=ROOT,
+    )
     ctx = ssl.create_default_context(cafile=setup["ca_cert"])
     ctx.load_cert_chain(setup["client_cert"], setup["client_key"])
     url = f"https://127.0.0.1:{port}"
     wait_http(url, proc, ctx, {"authorization": f"Bearer {setup['token']}"})
-    return Running("appliance", proc, HttpTarget(url, {"authorization": f"Bearer {setup['token']}"}, ctx),
-                   {"cache": HttpTarget(url, {"authorization": f"Bearer {cache_token}"}, ctx),
-                    "bad": HttpTarget(url, {"authorization": f"Bearer {BAD_TOKEN}"}, ctx),
-                    "ctx": ctx, "url": url})
+    return Running(
+        "appliance",
+        proc,
+        HttpTarget(url, {"authorization": f"Bearer {setup['token']}"}, ctx),
+        {
+            "cache": HttpTarget(url, {"authorization": f"Bearer {cache_token}"}, ctx),
+            "bad": HttpTarget(url, {"authorization": f"Bearer {BAD_TOKEN}"}, ctx),
+            "ctx": ctx,
+            "url": url,
+        },
+    )
 
 
 def _add_cache_client(policy: Path, text: str) -> str:
     """A second client with the response cache on (and metrics), for the security-path measurement."""
     token = "qwa_" + hashlib.sha256(os.urandom(32)).hexdigest()[:40]
     digest = hashlib.sha256(token.encode()).hexdigest()
-    policy.write_text(text + f'\n[[clients]]\nname = "bench-cached"\ntoken_sha256 = "{digest}"\n'
-                      'scopes = ["chat", "metrics"]\ncache = true\n')
+    policy.write_text(
+        text + f'\n[[clients]]\nname = "bench-cached"\ntoken_sha256 = "{digest}"\n'
+        'scopes = ["chat", "metrics"]\ncache = true\n'
+    )
     return token
 
 
 def start_llama_cpp_server(args: argparse.Namespace, logs: Path) -> Running:
     port, key = free_port(), "bench-key"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", str(N_CTX), "--n_threads", str(args.threads),
-           "--n_threads_batch", str(args.threads), "--n_gpu_layers", "-1", "--api_key", key]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(args.model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(N_CTX),
+        "--n_threads",
+        str(args.threads),
+        "--n_threads_batch",
+        str(args.threads),
+        "--n_gpu_layers",
+        "-1",
+        "--api_key",
+        key,
+    ]
     if args.mmproj:
         cmd += ["--chat_format", "mtmd", "--clip_model_path", str(args.mmproj)]
-    proc = subprocess.Popen(cmd, stdout=(logs / "llama_cpp_server.log").open("w"),
-                            stderr=subprocess.STDOUT, env=_env())
+    proc = subprocess.Popen(
+        cmd, stdout=(logs / "llama_cpp_server.log").open("w"), stderr=subprocess.STDOUT, env=_env()
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(url, proc, headers={"authorization": f"Bearer {key}"})
-    return Running("llama_cpp.server", proc, HttpTarget(url, {"authorization": f"Bearer {key}"}),
-                   {"bad": HttpTarget(url, {"authorization": f"Bearer {BAD_TOKEN}"})})
+    return Running(
+        "llama_cpp.server",
+        proc,
+        HttpTarget(url, {"authorization": f"Bearer {key}"}),
+        {"bad": HttpTarget(url, {"authorization": f"Bearer {BAD_TOKEN}"})},
+    )
 
 
 def start_llama_server(args: argparse.Namespace, logs: Path) -> Running:
     port, key = free_port(), "bench-key"
     binary = Path(args.llama_server)
-    cmd = [str(binary), "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port),
-           "-c", str(N_CTX * PARALLEL), "-np", str(PARALLEL), "-t", str(args.threads), "-tb",
-           str(args.threads), "-ngl", "999", "--jinja", "--no-webui", "--api-key", key]
+    cmd = [
+        str(binary),
+        "-m",
+        str(args.model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(N_CTX * PARALLEL),
+        "-np",
+        str(PARALLEL),
+        "-t",
+        str(args.threads),
+        "-tb",
+        str(args.threads),
+        "-ngl",
+        "999",
+        "--jinja",
+        "--no-webui",
+        "--api-key",
+        key,
+    ]
     cmd += ["--mmproj", str(args.mmproj)] if args.mmproj else []
     env = dict(_env(), LD_LIBRARY_PATH=str(binary.parent))
-    proc = subprocess.Popen(cmd, stdout=(logs / "llama_server.log").open("w"), stderr=subprocess.STDOUT,
-                            env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=(logs / "llama_server.log").open("w"), stderr=subprocess.STDOUT, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(url, proc, headers={"authorization": f"Bearer {key}"})
-    return Running("llama-server", proc, HttpTarget(url, {"authorization": f"Bearer {key}"}),
-                   {"bad": HttpTarget(url, {"authorization": f"Bearer {BAD_TOKEN}"})})
+    return Running(
+        "llama-server",
+        proc,
+        HttpTarget(url, {"authorization": f"Bearer {key}"}),
+        {"bad": HttpTarget(url, {"authorization": f"Bearer {BAD_TOKEN}"})},
+    )
 
 
 # --- measuring --------------------------------------------------------------------------------------
@@ -360,6 +473,7 @@ class RssWatch:
 
     def __init__(self, systems: dict[str, Running]) -> None:
         import psutil
+
         self._procs = {name: psutil.Process(r.proc.pid) for name, r in systems.items()}
         self.peak: dict[str, int] = dict.fromkeys(systems, 0)
         self._stop = threading.Event()
@@ -368,6 +482,7 @@ class RssWatch:
 
     def _run(self) -> None:
         import psutil
+
         while not self._stop.wait(0.1):
             for name, p in self._procs.items():
                 with contextlib.suppress(psutil.Error):
@@ -396,8 +511,12 @@ def summarize(raw: dict[str, Any]) -> dict[str, float | None]:
     toks = [sum(r["tokens"] for r in run["records"] if r["ok"]) / run["wall"] for run in raw["runs"]]
     reqs = [len(run["records"]) / run["wall"] for run in raw["runs"]]
     out: dict[str, float | None] = {
-        "n": len(recs), "errors": len(recs) - len(ok), "wall_s": sum(walls),
-        "tok_s": statistics.median(toks), "tok_s_p10": _pct(toks, 10), "tok_s_p90": _pct(toks, 90),
+        "n": len(recs),
+        "errors": len(recs) - len(ok),
+        "wall_s": sum(walls),
+        "tok_s": statistics.median(toks),
+        "tok_s_p10": _pct(toks, 10),
+        "tok_s_p90": _pct(toks, 90),
         "req_s": statistics.median(reqs),
     }
     for name, values in (("lat", lat), ("ttft", ttft)):
@@ -426,9 +545,10 @@ class RawClient:
         host, port = url.split("//")[1].split(":")
         self.addr, self.ctx = (host, int(port)), ctx
         body = b'{"messages":[{"role":"user","content":"x"}],"max_tokens":1}'
-        self.request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer "
-                        f"{token}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                        ).encode() + body
+        self.request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer "
+            f"{token}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
         self.sock: socket.socket | None = None
 
     def send(self) -> None:
@@ -458,8 +578,14 @@ class RawClient:
                 return False
             data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
         while len(rest) < length:
             chunk = sock.recv(65536)
             if not chunk:
@@ -509,6 +635,7 @@ def flood_run(r: Running, w: Workload, rate: float) -> dict[str, Any]:
 def security_path(app: Running, n: int) -> dict[str, Any]:
     """Cached answers (TLS, identity, limits, audit fsync, no model) against bare TLS GETs of /healthz."""
     import httpx
+
     short = _chat("What is the total?", 8)
     cached: HttpTarget = app.extra["cache"]
     cached.call(short, False)  # the miss that fills the cache
@@ -523,9 +650,12 @@ def security_path(app: Running, n: int) -> dict[str, Any]:
         metrics = cached.client().get("/metrics").text
     audit_sum = _metric(metrics, "qwa_audit_write_seconds_sum")
     audit_n = _metric(metrics, "qwa_audit_write_seconds_count")
-    return {"cached_ms": _ms_stats(hits), "healthz_ms": _ms_stats(bare),
-            "audit_write_mean_ms": 1000 * audit_sum / audit_n if audit_n else None,
-            "hit_ratio": _metric(metrics, "qwa_response_cache_hit_ratio")}
+    return {
+        "cached_ms": _ms_stats(hits),
+        "healthz_ms": _ms_stats(bare),
+        "audit_write_mean_ms": 1000 * audit_sum / audit_n if audit_n else None,
+        "hit_ratio": _metric(metrics, "qwa_response_cache_hit_ratio"),
+    }
 
 
 def _metric(text: str, name: str) -> float:
@@ -584,14 +714,15 @@ def stop_all(systems: dict[str, Running]) -> None:
             r.proc.kill()
 
 
-def run_rounds(systems: dict[str, Running], loads: list[Workload], rounds: int, flood_rate: float,
-               gen_requests: int) -> dict[str, dict[str, Any]]:
+def run_rounds(
+    systems: dict[str, Running], loads: list[Workload], rounds: int, flood_rate: float, gen_requests: int
+) -> dict[str, dict[str, Any]]:
     """Every workload on every system, `rounds` times; the system order rotates each round."""
     names = list(systems)
     gen = Workload("flood", _chat("Write a long report about the branch.", 128), 1, gen_requests)
     raw: dict[str, dict[str, Any]] = {n: {} for n in names}
     for rnd in range(rounds):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for w in [*loads, gen]:
             for name in order:
                 if w is gen and name == "inproc":
@@ -616,21 +747,37 @@ def warm_up(systems: dict[str, Running]) -> None:
 
 
 def machine_facts(args: argparse.Namespace, load_before: str) -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=ROOT).stdout.strip()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     import llama_cpp
+
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "os": platform.platform(),
-        "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "llama_cpp_python": llama_cpp.__version__,
         "commit": commit + (" (with uncommitted changes)" if dirty else ""),
         "model": f"{Path(args.model).name} ({Path(args.model).stat().st_size / 1e6:.1f} MB, sha256 "
-                 f"{_sha256(Path(args.model))[:16]})",
+        f"{_sha256(Path(args.model))[:16]})",
         "mmproj": Path(args.mmproj).name if args.mmproj else None,
-        "load_before": load_before, "load_after": _loadavg(), "parallel": PARALLEL, "n_ctx": N_CTX,
+        "load_before": load_before,
+        "load_after": _loadavg(),
+        "parallel": PARALLEL,
+        "n_ctx": N_CTX,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -664,26 +811,39 @@ def _fmt(v: float | None, digits: int = 0) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
-def _cell(s: dict[str, Any] | None, key: str, scale: float = 1, digits: int = 0,
-          base: dict[str, Any] | None = None) -> str:
+def _cell(
+    s: dict[str, Any] | None, key: str, scale: float = 1, digits: int = 0, base: dict[str, Any] | None = None
+) -> str:
     if not s or not s.get(key):  # nothing measured (e.g. no text streamed), not a measured zero
         return "-"
-    text = f"{_fmt(s[key] * scale, digits)} [{_fmt((s.get(key + '_p10') or 0) * scale, digits)}-" \
-           f"{_fmt((s.get(key + '_p90') or 0) * scale, digits)}]" if s.get(key + "_p10") is not None \
+    text = (
+        f"{_fmt(s[key] * scale, digits)} [{_fmt((s.get(key + '_p10') or 0) * scale, digits)}-"
+        f"{_fmt((s.get(key + '_p90') or 0) * scale, digits)}]"
+        if s.get(key + "_p10") is not None
         else _fmt(s[key] * scale, digits)
+    )
     if base and base.get(key):
         text += f" ({s[key] / base[key]:.2f}x)"
     return text
 
 
-def _table(title: str, rows: list[str], systems: list[str], stats: dict[str, dict[str, Any]],
-           key: str, scale: float = 1, digits: int = 0) -> list[str]:
-    out = [f"\n### {title}\n", "| workload | " + " | ".join(systems) + " |",
-           "| --- |" + " --- |" * len(systems)]
+def _table(
+    title: str,
+    rows: list[str],
+    systems: list[str],
+    stats: dict[str, dict[str, Any]],
+    key: str,
+    scale: float = 1,
+    digits: int = 0,
+) -> list[str]:
+    out = [
+        f"\n### {title}\n",
+        "| workload | " + " | ".join(systems) + " |",
+        "| --- |" + " --- |" * len(systems),
+    ]
     for w in rows:
         base = stats.get("inproc", {}).get(w)
-        cells = [_cell(stats[s].get(w), key, scale, digits, base if s != "inproc" else None)
-                 for s in systems]
+        cells = [_cell(stats[s].get(w), key, scale, digits, base if s != "inproc" else None) for s in systems]
         if any(c != "-" for c in cells):
             out.append(f"| {w} | " + " | ".join(cells) + " |")
     return out
@@ -691,6 +851,7 @@ def _table(title: str, rows: list[str], systems: list[str], stats: dict[str, dic
 
 def goals(stats: dict[str, dict[str, Any]], sec: dict[str, Any] | None) -> list[str]:
     """Each goal of issue 6 as measured in this run."""
+
     def get(system: str, w: str, key: str) -> float | None:
         v = stats.get(system, {}).get(w, {}).get(key)
         return float(v) if v is not None else None
@@ -706,42 +867,67 @@ def goals(stats: dict[str, dict[str, Any]], sec: dict[str, Any] | None) -> list[
     rate = get("appliance", "flood (bad tokens)", "flood_rate")
     sec_ms = sec["cached_ms"]["median"] if sec else None
     rows = [
-        ("Throughput at concurrency 1, ratio to in-process: appliance ≥ llama-server and ≥ 0.97",
-         f"appliance {_fmt(app_c1, 2)}, llama-server {_fmt(srv_c1, 2)}",
-         app_c1 is not None and app_c1 >= 0.97 and (srv_c1 is None or app_c1 >= srv_c1)),
-        ("Security path < 2 ms median (cached answer: TLS, identity, limits, audit fsync)",
-         f"{_fmt(sec_ms, 2)} ms", sec_ms is not None and sec_ms < 2),
-        ("Bad-token flood slows a generation by < 10%",
-         f"{_fmt(None if flood is None else (1 - flood) * 100, 1)}% at {_fmt(rate)} req/s achieved",
-         flood is not None and flood > 0.9),
-        ("Concurrency 8 aggregate ≥ 3x concurrency 1",
-         f"appliance {_fmt(c8, 2)}x, llama-server {_fmt(srv_c8, 2)}x", c8 is not None and c8 >= 3),
+        (
+            "Throughput at concurrency 1, ratio to in-process: appliance ≥ llama-server and ≥ 0.97",
+            f"appliance {_fmt(app_c1, 2)}, llama-server {_fmt(srv_c1, 2)}",
+            app_c1 is not None and app_c1 >= 0.97 and (srv_c1 is None or app_c1 >= srv_c1),
+        ),
+        (
+            "Security path < 2 ms median (cached answer: TLS, identity, limits, audit fsync)",
+            f"{_fmt(sec_ms, 2)} ms",
+            sec_ms is not None and sec_ms < 2,
+        ),
+        (
+            "Bad-token flood slows a generation by < 10%",
+            f"{_fmt(None if flood is None else (1 - flood) * 100, 1)}% at {_fmt(rate)} req/s achieved",
+            flood is not None and flood > 0.9,
+        ),
+        (
+            "Concurrency 8 aggregate ≥ 3x concurrency 1",
+            f"appliance {_fmt(c8, 2)}x, llama-server {_fmt(srv_c8, 2)}x",
+            c8 is not None and c8 >= 3,
+        ),
     ]
     out = ["\n## Goals\n", "| goal | measured | met |", "| --- | --- | --- |"]
     out += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in rows]
     return out
 
 
-def write_markdown(path: Path, facts: dict[str, Any], stats: dict[str, dict[str, Any]],
-                   extra: dict[str, Any], loaded_note: str | None) -> None:
+def write_markdown(
+    path: Path,
+    facts: dict[str, Any],
+    stats: dict[str, dict[str, Any]],
+    extra: dict[str, Any],
+    loaded_note: str | None,
+) -> None:
     systems = list(stats)
     rows = list(dict.fromkeys(w for s in stats.values() for w in s))
-    lines = ["# Benchmark results", "",
-             "Generated by `tools/bench.py` (`make bench`); every number below comes from one run.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `tools/bench.py` (`make bench`); every number below comes from one run.",
+        "",
+    ]
     if loaded_note:
         lines += [f"> **{loaded_note}**", ""]
     lines += ["| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in facts.items()]
-    lines += ["", "Medians with [p10-p90]; a ratio in parentheses is the system's value divided by "
-              "in-process llama-cpp-python's (the floor) in the same run. in-process runs one request at a "
-              "time (llama-cpp-python has no batching); the appliance and llama-server decode up to "
-              f"{PARALLEL} sequences in one batch. Flood rows are HTTP systems only."]
+    lines += [
+        "",
+        "Medians with [p10-p90]; a ratio in parentheses is the system's value divided by "
+        "in-process llama-cpp-python's (the floor) in the same run. in-process runs one request at a "
+        "time (llama-cpp-python has no batching); the appliance and llama-server decode up to "
+        f"{PARALLEL} sequences in one batch. Flood rows are HTTP systems only.",
+    ]
     lines += _table("Tokens per second (aggregate over all clients)", rows, systems, stats, "tok_s")
     lines += _table("Latency per request (ms)", rows, systems, stats, "lat", 1000, 1)
     lines += _table("Time to first token (ms, streaming)", rows, systems, stats, "ttft", 1000, 1)
     lines += _table("Requests per second", rows, systems, stats, "req_s", 1, 2)
-    lines += ["\n### Peak resident memory (MB, process tree)\n", "| " + " | ".join(systems) + " |",
-              "|" + " --- |" * len(systems),
-              "| " + " | ".join(_fmt(extra["rss"].get(s, 0) / 1e6) for s in systems) + " |"]
+    lines += [
+        "\n### Peak resident memory (MB, process tree)\n",
+        "| " + " | ".join(systems) + " |",
+        "|" + " --- |" * len(systems),
+        "| " + " | ".join(_fmt(extra["rss"].get(s, 0) / 1e6) for s in systems) + " |",
+    ]
     lines += _security_lines(extra.get("security")) + _image_lines(extra.get("images", {}))
     lines += _prompt_cache_lines(extra.get("prompt_cache", {}))
     lines += goals(stats, extra.get("security")) + NOTES
@@ -766,15 +952,18 @@ def _security_lines(sec: dict[str, Any] | None) -> list[str]:
     if not sec:
         return []
     c, h = sec["cached_ms"], sec["healthz_ms"]
-    return ["\n### Security path (appliance)\n", "| request | median ms | p10 | p90 |",
-            "| --- | --- | --- | --- |",
-            "| cached answer (TLS + token + policy + limits + audit fsync + cache) | "
-            f"{_fmt(c['median'], 2)} | "
-            f"{_fmt(c['p10'], 2)} | {_fmt(c['p90'], 2)} |",
-            f"| GET /healthz (TLS + HTTP only, no identity, no audit) | {_fmt(h['median'], 2)} | "
-            f"{_fmt(h['p10'], 2)} | {_fmt(h['p90'], 2)} |",
-            f"\nAudit record write + fsync, mean over the run: {_fmt(sec['audit_write_mean_ms'], 2)} ms; "
-            f"response-cache hit ratio {_fmt(sec['hit_ratio'], 2)}."]
+    return [
+        "\n### Security path (appliance)\n",
+        "| request | median ms | p10 | p90 |",
+        "| --- | --- | --- | --- |",
+        "| cached answer (TLS + token + policy + limits + audit fsync + cache) | "
+        f"{_fmt(c['median'], 2)} | "
+        f"{_fmt(c['p10'], 2)} | {_fmt(c['p90'], 2)} |",
+        f"| GET /healthz (TLS + HTTP only, no identity, no audit) | {_fmt(h['median'], 2)} | "
+        f"{_fmt(h['p10'], 2)} | {_fmt(h['p90'], 2)} |",
+        f"\nAudit record write + fsync, mean over the run: {_fmt(sec['audit_write_mean_ms'], 2)} ms; "
+        f"response-cache hit ratio {_fmt(sec['hit_ratio'], 2)}.",
+    ]
 
 
 def prompt_cache_effect(raw: dict[str, dict[str, Any]], workload: str = "shared system") -> dict[str, Any]:
@@ -791,11 +980,16 @@ def prompt_cache_effect(raw: dict[str, dict[str, Any]], workload: str = "shared 
 def _prompt_cache_lines(effect: dict[str, Any]) -> list[str]:
     if not effect:
         return []
-    out = ["\n### Prompt cache: the same long system prompt, a new question each time (ms)\n",
-           "| system | first request (cold) | later requests (median) | saved |", "| --- | --- | --- | --- |"]
+    out = [
+        "\n### Prompt cache: the same long system prompt, a new question each time (ms)\n",
+        "| system | first request (cold) | later requests (median) | saved |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, e in effect.items():
-        out.append(f"| {name} | {_fmt(e['cold_ms'], 1)} | {_fmt(e['warm_ms'], 1)} | "
-                   f"{_fmt(e['cold_ms'] - e['warm_ms'], 1)} |")
+        out.append(
+            f"| {name} | {_fmt(e['cold_ms'], 1)} | {_fmt(e['warm_ms'], 1)} | "
+            f"{_fmt(e['cold_ms'] - e['warm_ms'], 1)} |"
+        )
     return out
 
 
@@ -804,8 +998,11 @@ def _image_lines(images: dict[str, dict[int, Any]]) -> list[str]:
         return []
     images = {name: {int(k): v for k, v in by_size.items()} for name, by_size in images.items()}  # JSON keys
     sizes = sorted({s for v in images.values() for s in v})
-    out = ["\n### Image latency against image size (ms, 8 answer tokens)\n",
-           "| system | " + " | ".join(f"{s}x{s}" for s in sizes) + " |", "| --- |" + " --- |" * len(sizes)]
+    out = [
+        "\n### Image latency against image size (ms, 8 answer tokens)\n",
+        "| system | " + " | ".join(f"{s}x{s}" for s in sizes) + " |",
+        "| --- |" + " --- |" * len(sizes),
+    ]
     for name, by_size in images.items():
         out.append(f"| {name} | " + " | ".join(_fmt(by_size[s]["median"], 1) for s in sizes) + " |")
     return out
@@ -813,8 +1010,10 @@ def _image_lines(images: dict[str, dict[int, Any]]) -> list[str]:
 
 def write_chart(path: Path, stats: dict[str, dict[str, Any]]) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     systems = list(stats)
     rows = [w for w in dict.fromkeys(w for s in stats.values() for w in s)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
@@ -837,32 +1036,53 @@ def write_chart(path: Path, stats: dict[str, dict[str, Any]]) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    build = hashlib.sha256(b"0.3.36 -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-                           b"-DGGML_BMI2=ON").hexdigest()[:12]
+    build = hashlib.sha256(
+        b"0.3.36 -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+    ).hexdigest()[:12]
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", type=Path, default=ROOT / "models/tiny/tiny-qwen3vl-q8_0.gguf")
     p.add_argument("--mmproj", type=Path, default=ROOT / "models/tiny/tiny-qwen3vl-mmproj.gguf")
     p.add_argument("--no-mmproj", action="store_true", help="text-only model")
     p.add_argument("--threads", type=int, default=1, help="inference threads, the same for every system")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--long-lines", type=int, default=40,
-                   help="lines of the long prompt: 40 are about 1.4k tokens for the tiny model, ~120 for a "
-                        "real Qwen vocabulary")
-    p.add_argument("--requests", type=int, default=12,
-                   help="requests per workload and round at concurrency 1 (fewer for a slow real model)")
+    p.add_argument(
+        "--long-lines",
+        type=int,
+        default=40,
+        help="lines of the long prompt: 40 are about 1.4k tokens for the tiny model, ~120 for a "
+        "real Qwen vocabulary",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=12,
+        help="requests per workload and round at concurrency 1 (fewer for a slow real model)",
+    )
     p.add_argument("--quick", action="store_true", help="2 requests, 1 round (for debugging the harness)")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--flood-rate", type=float, default=1000.0, help="bad-token requests per second")
-    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or str(
-        Path.home() / ".cache/qwen-appliance/llama-server" / build / "llama-server"))
+    p.add_argument(
+        "--llama-server",
+        default=os.environ.get("LLAMA_SERVER")
+        or str(Path.home() / ".cache/qwen-appliance/llama-server" / build / "llama-server"),
+    )
     p.add_argument("--out", type=Path, default=ROOT / "docs/bench")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
-                   help="first wait up to S seconds for a 1-minute load average < 0.3 held for 30 s")
-    p.add_argument("--synthetic", action="store_true",
-                   help="use (and make once) a 250M-parameter random Qwen3-VL (152k vocabulary, Q4_0): "
-                        "compute per token like a real small model, unlike the 1.4 MB tiny one")
-    p.add_argument("--report-only", action="store_true", help="re-render OUT/results.md and .png from "
-                   "OUT/results.json")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="S",
+        help="first wait up to S seconds for a 1-minute load average < 0.3 held for 30 s",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use (and make once) a 250M-parameter random Qwen3-VL (152k vocabulary, Q4_0): "
+        "compute per token like a real small model, unlike the 1.4 MB tiny one",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="re-render OUT/results.md and .png from OUT/results.json"
+    )
     p.add_argument("--inproc-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -918,8 +1138,13 @@ def main(argv: list[str]) -> int:
     try:
         rss = RssWatch(systems)
         warm_up(systems)
-        raw = run_rounds(systems, workloads(args.requests, args.long_lines), args.rounds, args.flood_rate,
-                         max(2, args.requests // 3))
+        raw = run_rounds(
+            systems,
+            workloads(args.requests, args.long_lines),
+            args.rounds,
+            args.flood_rate,
+            max(2, args.requests // 3),
+        )
         extra: dict[str, Any] = {"images": image_sweep(systems, [64, 256, 512, 1024])}
         if "appliance" in systems:
             extra["security"] = security_path(systems["appliance"], 200)
@@ -933,11 +1158,16 @@ def main(argv: list[str]) -> int:
     facts["run_seconds"] = round(time.monotonic() - started)
     note = None
     if quiet is False or float(load_before.split()[0]) >= 0.3:
-        note = (f"The machine was not quiet (load average before the run {load_before}): other work ran "
-                "meanwhile, so absolute numbers are pessimistic and ratios noisier than usual.")
+        note = (
+            f"The machine was not quiet (load average before the run {load_before}): other work ran "
+            "meanwhile, so absolute numbers are pessimistic and ratios noisier than usual."
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"facts": facts, "stats": stats, "extra": extra,
-                                                       "note": note, "raw": raw}, indent=1, default=str))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"facts": facts, "stats": stats, "extra": extra, "note": note, "raw": raw}, indent=1, default=str
+        )
+    )
     write_markdown(args.out / "results.md", facts, stats, extra, note)
     write_chart(args.out / "results.png", stats)
     shutil.rmtree(work, ignore_errors=True)

@@ -24,19 +24,35 @@ def register(sub: Any) -> None:
     key = p.add_mutually_exclusive_group()
     key.add_argument("--policy", type=Path, help="take the key (and the directory) from this policy")
     key.add_argument("--key", type=Path, help="the audit key file ([audit] hmac_key_file)")
-    key.add_argument("--structure-only", action="store_true",
-                     help="no key: check links and seals only, which proves NOTHING against rewriting")
-    p.add_argument("--expect-sealed", action="store_true",
-                   help="also fail when the newest file lacks its shutdown seal (daemon stopped)")
-    p.add_argument("--expect-through", metavar="SEQ|TIME",
-                   help="fail when the trail ends before this seq or ISO 8601 time (a known last point)")
-    p.add_argument("--legacy-through", metavar="SEQ", type=int, default=0,
-                   help="accept records up to SEQ chained with plain SHA-256 (written before keyed MACs)")
+    key.add_argument(
+        "--structure-only",
+        action="store_true",
+        help="no key: check links and seals only, which proves NOTHING against rewriting",
+    )
+    p.add_argument(
+        "--expect-sealed",
+        action="store_true",
+        help="also fail when the newest file lacks its shutdown seal (daemon stopped)",
+    )
+    p.add_argument(
+        "--expect-through",
+        metavar="SEQ[:MAC]|TIME",
+        help="fail when the trail ends before this known last point: SEQ:MAC as the daemon logs at each stop "
+        "(also fails when that record was deleted and the seq written again), SEQ, or an ISO 8601 time",
+    )
+    p.add_argument(
+        "--legacy-through",
+        metavar="SEQ",
+        type=int,
+        default=0,
+        help="accept records up to SEQ chained with plain SHA-256 (written before keyed MACs)",
+    )
     p.set_defaults(handler=_verify)
     p = asub.add_parser("hmac", help="digest a value read on stdin, to search the trail for it")
     p.add_argument("--policy", type=Path, required=True)
-    p.add_argument("--image", action="store_true",
-                   help="stdin is an image file: digest its bytes as image_hmac does")
+    p.add_argument(
+        "--image", action="store_true", help="stdin is an image file: digest its bytes as image_hmac does"
+    )
     p.set_defaults(handler=_hmac)
     p = asub.add_parser("keygen", help="create a new HMAC key file (0600)")
     p.add_argument("file", type=Path)
@@ -46,13 +62,22 @@ def register(sub: Any) -> None:
 def _verify(args: argparse.Namespace) -> int:
     directory, key = _verify_inputs(args)
     try:
-        through_seq, through_time = parse_through(args.expect_through) if args.expect_through else (
-            None, None)
+        through_seq, through_time, through_mac = (
+            parse_through(args.expect_through) if args.expect_through else (None, None, None)
+        )
     except ValueError as exc:
-        raise SetupError(str(exc), hint="e.g. --expect-through 4711 or --expect-through "
-                                        "2026-11-18T23:59:50Z") from None
-    expect = Expect(sealed=args.expect_sealed, through_seq=through_seq, through_time=through_time,
-                    legacy_through=args.legacy_through)
+        raise SetupError(
+            str(exc),
+            hint="e.g. --expect-through 4711:1a2b3c4d5e6f7a8b (from the daemon's stop line), 4711, "
+            "or 2026-11-18T23:59:50Z",
+        ) from None
+    expect = Expect(
+        sealed=args.expect_sealed,
+        through_seq=through_seq,
+        through_time=through_time,
+        through_mac=through_mac,
+        legacy_through=args.legacy_through,
+    )
     result = verify(directory, key, expect=expect)
     for note in result.notes if not result.ok else ():
         print(f"  note: {note}", file=sys.stderr)
@@ -60,8 +85,10 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"audit verify: BROKEN: {result.problem}", file=sys.stderr)
         return 2
     what = "MACs and chain intact" if result.keyed else "STRUCTURE ONLY (no MAC checked)"
-    print(f"audit verify: OK: {result.records} records in {result.files} files, {what}; last seq "
-          f"{result.last_seq} at {result.last_ts}")
+    print(
+        f"audit verify: OK: {result.records} records in {result.files} files, {what}; last seq "
+        f"{result.last_seq} at {result.last_ts}"
+    )
     for note in result.notes:
         print(f"  note: {note}")
     return 0
@@ -78,9 +105,11 @@ def _verify_inputs(args: argparse.Namespace) -> tuple[Path, bytes | None]:
         return args.dir, load_hmac_key(args.key)
     if args.structure_only:
         return args.dir, None
-    raise SetupError("audit verify needs the audit key to check the records' MACs",
-                     hint="pass --policy FILE or --key FILE (the [audit] hmac_key_file); "
-                          "--structure-only checks without it and proves nothing against rewriting")
+    raise SetupError(
+        "audit verify needs the audit key to check the records' MACs",
+        hint="pass --policy FILE or --key FILE (the [audit] hmac_key_file); "
+        "--structure-only checks without it and proves nothing against rewriting",
+    )
 
 
 def _hmac(args: argparse.Namespace) -> int:
@@ -97,8 +126,9 @@ def _hmac(args: argparse.Namespace) -> int:
 
 def _keygen(args: argparse.Namespace) -> int:
     if args.file.exists():
-        raise SetupError(f"{args.file} already exists",
-                         hint="a new key makes old digests uncorrelatable; keep the old one")
+        raise SetupError(
+            f"{args.file} already exists", hint="a new key makes old digests uncorrelatable; keep the old one"
+        )
     write_secret(args.file, new_hmac_key().encode())
     print(f"wrote {args.file} (0600)")
     return 0

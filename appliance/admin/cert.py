@@ -7,14 +7,11 @@ or expires within 30 days, so cron and monitoring can call it.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import ipaddress
-import json
 import os
 import re
 import secrets
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +19,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from appliance import files
+from appliance.admin import certlist
 from appliance.config import edit
 from appliance.config.load import CLIENT_NAME
 from appliance.errors import SetupError
 from appliance.security import certfacts, pki
 
 P12_PASSWORD_ENV = "QWEN_APPLIANCE_P12_PASSWORD"  # noqa: S105 - the variable's name, not a secret
-WARN_DAYS = 30
-_HOST = re.compile(r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                   r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOST = re.compile(
+    r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def register(sub: Any) -> None:
@@ -47,29 +46,45 @@ def register(sub: Any) -> None:
 
     p = csub.add_parser("server", help="issue OUT/server.crt and OUT/server.key")
     _issuer_args(p, days=365)  # Mozilla TLS profiles refuse server certificates over 365 days
-    p.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
-                   help="extra SAN besides localhost, 127.0.0.1, ::1 and this host's name (repeatable)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="extra SAN besides localhost, 127.0.0.1, ::1 and this host's name (repeatable)",
+    )
     p.set_defaults(handler=_server)
 
     p = csub.add_parser("client", help="issue OUT/NAME.crt, OUT/NAME.key and a copy of ca.crt")
     p.add_argument("name", help="the certificate's CN and file name")
     _issuer_args(p, days=825)
-    p.add_argument("--p12", action="store_true",
-                   help=f"also OUT/NAME.p12 for browsers (password printed once, or ${P12_PASSWORD_ENV})")
+    p.add_argument(
+        "--p12",
+        action="store_true",
+        help=f"also OUT/NAME.p12 for browsers (password printed once, or ${P12_PASSWORD_ENV})",
+    )
     p.set_defaults(handler=_client)
 
-    p = csub.add_parser("revoke", help="refuse a client certificate: add it to [server] revoked, confirmed "
-                        "in force by a running daemon")
+    p = csub.add_parser(
+        "revoke",
+        help="refuse a client certificate: add it to [server] revoked, confirmed "
+        "in force by a running daemon",
+    )
     p.add_argument("cert", type=Path, nargs="?", help="the certificate file (PEM or DER)")
     p.add_argument("--sha256", metavar="HEX", help="its fingerprint instead, as `cert list` prints it")
     p.add_argument("--policy", type=Path, required=True)
     p.set_defaults(handler=_revoke)
 
     p = csub.add_parser("list", help="show certificates and their expiry; exit 1 if any needs action")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                   help="certificate files, or directories searched for *.crt and *.pem")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="certificate files, or directories searched for *.crt and *.pem",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON array")
-    p.set_defaults(handler=_list)
+    p.set_defaults(handler=certlist.list_command)
 
 
 def _issuer_args(p: argparse.ArgumentParser, days: int) -> None:
@@ -84,17 +99,20 @@ def _issuer_args(p: argparse.ArgumentParser, days: int) -> None:
 
 def _check_days(days: int) -> None:
     if not 1 <= days <= 36500:
-        raise SetupError(f"--days {days}: must be between 1 and 36500",
-                         hint="825 days is the usual limit for leaf certificates")
+        raise SetupError(
+            f"--days {days}: must be between 1 and 36500",
+            hint="825 days is the usual limit for leaf certificates",
+        )
 
 
 def _no_clobber(paths: list[Path], force: bool) -> None:
     """Replacing a key silently would lock out whoever holds the old certificate."""
     existing = [p for p in paths if p.exists()]
     if existing and not force:
-        raise SetupError(f"{existing[0]} already exists",
-                         hint="pass --force to replace it; certificates issued from the old key stop "
-                              "working")
+        raise SetupError(
+            f"{existing[0]} already exists",
+            hint="pass --force to replace it; certificates issued from the old key stop working",
+        )
 
 
 def _mkdir(directory: Path) -> None:
@@ -109,16 +127,20 @@ def _load_ca(ca_dir: Path) -> pki.Issued:
     try:
         ca = pki.load(crt, key)
     except FileNotFoundError as exc:
-        raise SetupError(f"{exc.filename}: not found",
-                         hint="create a CA with `qwen-appliance cert ca DIR`, or point --ca-dir at it"
-                         ) from None
+        raise SetupError(
+            f"{exc.filename}: not found",
+            hint="create a CA with `qwen-appliance cert ca DIR`, or point --ca-dir at it",
+        ) from None
     except (OSError, ValueError, TypeError) as exc:
-        raise SetupError(f"{ca_dir}: cannot load ca.crt/ca.key ({exc})",
-                         hint="both must be unencrypted PEM as `qwen-appliance cert ca` writes them"
-                         ) from None
+        raise SetupError(
+            f"{ca_dir}: cannot load ca.crt/ca.key ({exc})",
+            hint="both must be unencrypted PEM as `qwen-appliance cert ca` writes them",
+        ) from None
     if not _is_ca(ca.cert) or not _key_matches(ca):
-        raise SetupError(f"{crt}: not a CA certificate matching {key}",
-                         hint="use the pair that `qwen-appliance cert ca` or `init` wrote")
+        raise SetupError(
+            f"{crt}: not a CA certificate matching {key}",
+            hint="use the pair that `qwen-appliance cert ca` or `init` wrote",
+        )
     return ca
 
 
@@ -137,8 +159,10 @@ def _key_matches(ca: pki.Issued) -> bool:
 def _warn_outlives(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
     """A certificate stops working when its CA expires, whatever its own date says."""
     if cert.not_valid_after_utc > ca_cert.not_valid_after_utc:
-        print(f"WARNING: the CA expires first, on {_not_after(ca_cert)}; this certificate stops "
-              "working then.", file=sys.stderr)
+        print(
+            f"WARNING: the CA expires first, on {_not_after(ca_cert)}; this certificate stops working then.",
+            file=sys.stderr,
+        )
 
 
 def _not_after(cert: x509.Certificate) -> str:
@@ -158,9 +182,11 @@ def _ca(args: argparse.Namespace) -> int:
     _mkdir(args.dir)
     ca = pki.new_ca(args.cn, days=args.days)
     pki.save(ca, crt, key)
-    print(f"Created CA {args.cn!r}, valid until {_not_after(ca.cert)}\n  certificate  {crt}\n"
-          f"  key          {key} (0600)\n  sha256       {pki.fingerprint(ca.cert)}\n"
-          "Keep ca.key offline or root-only: whoever holds it can mint client certificates.")
+    print(
+        f"Created CA {args.cn!r}, valid until {_not_after(ca.cert)}\n  certificate  {crt}\n"
+        f"  key          {key} (0600)\n  sha256       {pki.fingerprint(ca.cert)}\n"
+        "Keep ca.key offline or root-only: whoever holds it can mint client certificates."
+    )
     return 0
 
 
@@ -170,8 +196,10 @@ def _check_hosts(hosts: list[str]) -> None:
             ipaddress.ip_address(host)
         except ValueError:
             if not _HOST.fullmatch(host):
-                raise SetupError(f"--host {host!r}: not a host name or IP address",
-                                 hint="e.g. qwen.branch.example, 10.20.30.5 or fd00::5") from None
+                raise SetupError(
+                    f"--host {host!r}: not a host name or IP address",
+                    hint="e.g. qwen.branch.example, 10.20.30.5 or fd00::5",
+                ) from None
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -186,11 +214,13 @@ def _server(args: argparse.Namespace) -> int:
     pki.save(issued, crt, key)
     _warn_outlives(issued.cert, ca.cert)
     sans = ", ".join(certfacts.facts(issued.cert).labelled_sans)
-    print(f"Issued server certificate, valid until {_not_after(issued.cert)}\n  certificate  {crt}\n"
-          f"  key          {key} (0600)\n  SANs         {sans}\n"
-          f"  sha256       {pki.fingerprint(issued.cert)}\n"
-          "Point [server] tls_cert and tls_key at them; a running daemon loads them on reload "
-          "(`systemctl reload qwen-appliance`).")
+    print(
+        f"Issued server certificate, valid until {_not_after(issued.cert)}\n  certificate  {crt}\n"
+        f"  key          {key} (0600)\n  SANs         {sans}\n"
+        f"  sha256       {pki.fingerprint(issued.cert)}\n"
+        "Point [server] tls_cert and tls_key at them; a running daemon loads them on reload "
+        "(`systemctl reload qwen-appliance`)."
+    )
     return 0
 
 
@@ -198,8 +228,10 @@ def _client(args: argparse.Namespace) -> int:
     """A client bundle: certificate, key and CA, optionally as one PKCS#12 for browsers."""
     _check_days(args.days)
     if not CLIENT_NAME.fullmatch(args.name):
-        raise SetupError(f"invalid client name {args.name!r}",
-                         hint="letters, digits, '.', '_' and '-', at most 64; it is also the file name")
+        raise SetupError(
+            f"invalid client name {args.name!r}",
+            hint="letters, digits, '.', '_' and '-', at most 64; it is also the file name",
+        )
     out: Path = args.out
     crt, key, p12 = out / f"{args.name}.crt", out / f"{args.name}.key", out / f"{args.name}.p12"
     _no_clobber([crt, key, p12] if args.p12 else [crt, key], args.force)
@@ -210,14 +242,15 @@ def _client(args: argparse.Namespace) -> int:
     files.write_public(out / "ca.crt", (args.ca_dir / "ca.crt").read_bytes())
     fp = pki.fingerprint(issued.cert)
     _warn_outlives(issued.cert, ca.cert)
-    print(f"Issued client certificate {args.name!r}, valid until {_not_after(issued.cert)}\n"
-          f"  certificate  {crt}\n  key          {key} (0600)\n  CA           {out / 'ca.crt'}\n"
-          f"  sha256       {fp}\n  tbs sha256   {pki.signed_fingerprint(issued.cert)} "
-          "(the audit trail's cert_sha256)")
+    print(
+        f"Issued client certificate {args.name!r}, valid until {_not_after(issued.cert)}\n"
+        f"  certificate  {crt}\n  key          {key} (0600)\n  CA           {out / 'ca.crt'}\n"
+        f"  sha256       {fp}\n  tbs sha256   {pki.signed_fingerprint(issued.cert)} "
+        "(the audit trail's cert_sha256)"
+    )
     if args.p12:
         _write_p12(p12, issued, ca.cert, args.name)
-    print(f"Bind a token to it: qwen-appliance token create {args.name} --cert-sha256 {fp} "
-          "--policy FILE")
+    print(f"Bind a token to it: qwen-appliance token create {args.name} --cert-sha256 {fp} --policy FILE")
     return 0
 
 
@@ -238,131 +271,39 @@ def _write_p12(path: Path, issued: pki.Issued, ca_cert: x509.Certificate, name: 
 def _revoked_fingerprint(args: argparse.Namespace) -> tuple[str, str]:
     """(fingerprint, what) from exactly one of CERT or --sha256; a CA is refused (rotate client_ca)."""
     if (args.cert is None) == (args.sha256 is None):
-        raise SetupError("pass the certificate file or --sha256 HEX (one of them)",
-                         hint="`qwen-appliance cert list DIR` prints each certificate's sha256")
+        raise SetupError(
+            "pass the certificate file or --sha256 HEX (one of them)",
+            hint="`qwen-appliance cert list DIR` prints each certificate's sha256",
+        )
     if args.sha256 is not None:
         digest = args.sha256.strip().lower().replace(":", "")
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise SetupError(f"--sha256 {args.sha256!r}: must be 64 hex digits (a SHA-256)")
         return digest, f"sha256 {digest}"
-    certs = _certs(args.cert, explicit=True)
+    certs = certlist.read_certs(args.cert, explicit=True)
     if len(certs) != 1:
         raise SetupError(f"{args.cert}: holds {len(certs)} certificates; pass a file with just one")
-    if _is_ca(certs[0]):
-        raise SetupError(f"{args.cert}: is a CA certificate; revoking it here has no effect",
-                         hint="to stop trusting a CA, point [server] client_ca at a new one and reload")
-    return pki.fingerprint(certs[0]), f"{_cn(certs[0].subject)!r} (sha256 {pki.fingerprint(certs[0])})"
+    cert = certs[0]
+    if _is_ca(cert):
+        raise SetupError(
+            f"{args.cert}: is a CA certificate; revoking it here has no effect",
+            hint="to stop trusting a CA, point [server] client_ca at a new one and reload",
+        )
+    return pki.fingerprint(cert), f"{certlist.cn(cert.subject)!r} (sha256 {pki.fingerprint(cert)})"
 
 
 def _revoke(args: argparse.Namespace) -> int:
     """Written and confirmed the way `token revoke` is: atomically, then SIGHUP and wait for the daemon."""
     fingerprint, what = _revoked_fingerprint(args)
     added = edit.add_revoked(args.policy, fingerprint)
-    print(f"{'Revoked' if added else 'Already revoked:'} certificate {what} in {args.policy} "
-          "([server] revoked).", flush=True)
+    print(
+        f"{'Revoked' if added else 'Already revoked:'} certificate {what} in {args.policy} "
+        "([server] revoked).",
+        flush=True,
+    )
     print(edit.confirm_in_force(args.policy))
-    print("A token bound to nothing else still works with another valid certificate: "
-          "`qwen-appliance token revoke NAME` as well if the key may be copied.")
+    print(
+        "A token bound to nothing else still works with another valid certificate: "
+        "`qwen-appliance token revoke NAME` as well if the key may be copied."
+    )
     return 0
-
-
-# --- cert list --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CertInfo:
-    """What an admin checks about one certificate: who, for where, by whom, until when."""
-
-    path: Path
-    subject: str
-    sans: list[str]
-    issuer: str
-    not_after: dt.datetime
-    days_left: int
-    sha256: str  # of the DER as issued: for `[server] revoked` and `token create --cert-sha256`
-    status: str  # OK | WARNING | EXPIRED | NOT YET VALID
-    tbs_sha256: str = ""  # of the signed part: what the trail's cert_sha256 records (also accepted)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "subject": self.subject, "sans": self.sans,
-                "issuer": self.issuer, "not_after": self.not_after.isoformat(),
-                "days_left": self.days_left, "sha256": self.sha256, "tbs_sha256": self.tbs_sha256,
-                "status": self.status}
-
-
-def _cn(name: x509.Name) -> str:
-    return certfacts.common_name(name) or name.rfc4514_string()
-
-
-def describe(path: Path, cert: x509.Certificate, now: dt.datetime | None = None) -> CertInfo:
-    """Expiry status: EXPIRED when past, WARNING when fewer than 30 days remain."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    claims = certfacts.facts(cert)
-    left = claims.left(now)
-    status = ("EXPIRED" if left.total_seconds() <= 0 else "NOT YET VALID"
-              if claims.not_before > now else "WARNING" if left.days < WARN_DAYS else "OK")
-    return CertInfo(path, _cn(cert.subject), claims.labelled_sans, _cn(cert.issuer), claims.not_after,
-                    left.days, pki.fingerprint(cert), status, pki.signed_fingerprint(cert))
-
-
-def _files(paths: list[Path]) -> list[tuple[Path, bool]]:
-    """(file, named explicitly): directories are searched for *.crt and *.pem, hidden files skipped."""
-    found: list[tuple[Path, bool]] = []
-    for path in paths:
-        if path.is_dir():
-            found += [(f, False) for f in sorted(path.rglob("*"))
-                      if f.suffix in (".crt", ".pem") and f.is_file() and not f.name.startswith(".")]
-        elif path.is_file():
-            found.append((path, True))
-        else:
-            raise SetupError(f"{path}: no such file or directory", hint="pass certificate files or folders")
-    return found
-
-
-def _certs(path: Path, explicit: bool) -> list[x509.Certificate]:
-    """Every certificate in a PEM bundle (or one DER file); a key-only .pem in a folder is skipped."""
-    try:
-        data = path.read_bytes()
-        if b"-----BEGIN" not in data:
-            return [x509.load_der_x509_certificate(data)]
-        return x509.load_pem_x509_certificates(data)
-    except OSError as exc:
-        raise SetupError(f"{path}: cannot read ({exc.strerror})") from None
-    except ValueError:
-        if explicit:
-            raise SetupError(f"{path}: no certificate in this file",
-                             hint="pass PEM or DER certificate files") from None
-        return []
-
-
-def _print(info: CertInfo) -> None:
-    mark = {"OK": "", "WARNING": f"  WARNING: expires in {info.days_left} days",
-            "EXPIRED": "  EXPIRED", "NOT YET VALID": "  NOT YET VALID"}[info.status]
-    print(f"{info.path}{mark}\n  subject    {info.subject}\n  SANs       {', '.join(info.sans) or '-'}\n"
-          f"  issuer     {info.issuer}\n  not after  {info.not_after.date()} ({_left(info)})\n"
-          f"  sha256     {info.sha256}\n  tbs sha256 {info.tbs_sha256} (the audit trail's cert_sha256)")
-
-
-def _left(info: CertInfo) -> str:
-    if info.status == "EXPIRED":
-        return f"expired {-info.days_left} days ago" if info.days_left < 0 else "expired today"
-    return f"{info.days_left} days left"
-
-
-def _list(args: argparse.Namespace) -> int:
-    """Exit 1 when any certificate is expired, not yet valid or within 30 days of expiry."""
-    infos = [describe(path, cert) for path, explicit in _files(args.paths)
-             for cert in _certs(path, explicit)]
-    if not infos:
-        raise SetupError(f"no certificates found in {', '.join(map(str, args.paths))}",
-                         hint="certificates are searched as *.crt and *.pem")
-    bad = [i for i in infos if i.status != "OK"]
-    if args.json:
-        print(json.dumps([i.as_json() for i in infos]))
-    else:
-        for info in infos:
-            _print(info)
-        print(f"{len(infos)} certificates, {len(bad)} needing action" if bad else
-              f"{len(infos)} certificates, all valid for {WARN_DAYS} days or more")
-    return 1 if bad else 0
-

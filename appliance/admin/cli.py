@@ -40,11 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="Qwen3-VL text GGUF")
     p.add_argument("--mmproj", type=Path, help="its vision projector GGUF")
     p.add_argument("--client", default="client-01", help="name of the first client")
-    p.add_argument("--allow", action="append", metavar="CIDR",
-                   help="address range allowed to connect besides loopback (repeatable), "
-                        "e.g. 192.168.10.0/24")
-    p.add_argument("--token-file", type=Path,
-                   help="also write the client's token to this file (0600), e.g. for a dev box")
+    p.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="address range allowed to connect besides loopback (repeatable), e.g. 192.168.10.0/24",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="also write the client's token to this file (0600), e.g. for a dev box",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing set-up")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -60,8 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_check)
 
     p = sub.add_parser("doctor", help="check the whole box: policy, files, certificates, model, GPU, audit")
-    p.add_argument("--policy", type=Path,
-                   help="the policy to check (default /etc/qwen-appliance/policy.toml when it exists)")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        help="the policy to check (default /etc/qwen-appliance/policy.toml when it exists)",
+    )
     p.add_argument("--no-hash", action="store_true", help="skip re-hashing the model files (fast)")
     p.set_defaults(handler=_doctor)
 
@@ -81,17 +90,26 @@ def _init(args: argparse.Namespace) -> int:
     from appliance.admin.init import init
 
     listen = ":".join(map(str, _listen(args.listen)))
-    result = init(args.dir, listen=listen, model=args.model, mmproj=args.mmproj,
-                  client=args.client, force=args.force, token_file=args.token_file,
-                  allow=args.allow)
+    result = init(
+        args.dir,
+        listen=listen,
+        model=args.model,
+        mmproj=args.mmproj,
+        client=args.client,
+        force=args.force,
+        token_file=args.token_file,
+        allow=args.allow,
+    )
     if args.json:
         print(json.dumps(result.as_json()))
         return 0
-    print(f"Created {result.policy}\n  URL          {result.url}\n  CA           {result.ca_cert}"
-          f"\n  client cert  {result.client_cert}\n  client key   {result.client_key}\n"
-          f"  token        {result.token}\n"
-          "The token is shown only this once; only its SHA-256 is stored. Hand it, the client "
-          "certificate, key and CA to the client.")
+    print(
+        f"Created {result.policy}\n  URL          {result.url}\n  CA           {result.ca_cert}"
+        f"\n  client cert  {result.client_cert}\n  client key   {result.client_key}\n"
+        f"  token        {result.token}\n"
+        "The token is shown only this once; only its SHA-256 is stored. Hand it, the client "
+        "certificate, key and CA to the client."
+    )
     return 0
 
 
@@ -109,11 +127,16 @@ def _check(args: argparse.Namespace) -> int:
     policy = load_policy(args.file)
     check_file_modes(policy)
     server_context(policy.server)
-    missing = [(k, p) for k, p in (("model.path", policy.model.path),
-                                   ("model.mmproj", policy.model.mmproj)) if p and not p.is_file()]
+    missing = [
+        (k, p)
+        for k, p in (("model.path", policy.model.path), ("model.mmproj", policy.model.mmproj))
+        if p and not p.is_file()
+    ]
     for key, path in missing:
-        print(f"{args.file}: [{key}]: file not found: {path} (hint: copy the GGUF there or fix the "
-              "path)", file=sys.stderr)
+        print(
+            f"{args.file}: [{key}]: file not found: {path} (hint: copy the GGUF there or fix the path)",
+            file=sys.stderr,
+        )
     if missing:
         return 2
     print(f"{args.file}: OK ({len(policy.clients)} clients, digest {policy.digest[:16]})")

@@ -39,14 +39,18 @@ def run_checks(policy_file: Path | None, hash_models: bool = True) -> list[Check
     if policy_file is not None:
         try:
             policy = load_policy(policy_file)
-            results.append(Check("policy valid", PASS, f"{len(policy.clients)} clients, sha256 "
-                                 f"{policy.digest[:16]}", ""))
+            results.append(
+                Check("policy valid", PASS, f"{len(policy.clients)} clients, sha256 {policy.digest[:16]}", "")
+            )
         except ApplianceError as exc:
             results.append(Check("policy valid", FAIL, str(exc), exc.hint or ""))
     per_policy: list[tuple[str, Callable[[Policy], Result]]] = [
-        ("file permissions", _modes), ("certificates", _certificates),
-        ("model files", lambda p: _models(p, hash_models)), ("audit directory", _audit),
-        ("listen port", _port)]
+        ("file permissions", _modes),
+        ("certificates", _certificates),
+        ("model files", lambda p: _models(p, hash_models)),
+        ("audit directory", _audit),
+        ("listen port", _port),
+    ]
     for name, fn in per_policy:
         results.append(_run(name, None if policy is None else partial(fn, policy)))
     for name, fn0 in (("llama.cpp build", _build), ("GPU (NVML)", _gpu), ("clock", _clock)):
@@ -74,6 +78,7 @@ def _modes(policy: Policy) -> Result:
 def _certificates(policy: Policy) -> Result:
     from appliance.security import certfacts
     from appliance.security.tls import server_context
+
     server_context(policy.server)  # key matches certificate, CA loads
     claims = certfacts.pem_facts(policy.server.tls_cert)
     days, names = claims.days_left(), list(claims.sans)
@@ -106,14 +111,18 @@ def _models(policy: Policy, hash_models: bool) -> Result:
         elif not pin:
             notes.append(f"{path.name} present, not pinned")
     unpinned = any("not pinned" in n for n in notes)
-    return (WARN if unpinned else PASS), "; ".join(notes), (
-        "pin digests with [model] sha256 / mmproj_sha256" if unpinned else "")
+    return (
+        (WARN if unpinned else PASS),
+        "; ".join(notes),
+        ("pin digests with [model] sha256 / mmproj_sha256" if unpinned else ""),
+    )
 
 
 def _audit(policy: Policy) -> Result:
     import psutil
 
     from appliance.audit.log import load_hmac_key
+
     load_hmac_key(policy.audit.hmac_key_file)
     d = policy.audit.dir
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -134,21 +143,30 @@ def _port(policy: Policy) -> Result:
         try:
             s.bind((host, port))
         except OSError as exc:
-            return WARN, f"{host}:{port} is in use ({exc.strerror})", (
-                "fine if the appliance is running (`systemctl status qwen-appliance`); else find the "
-                f"owner with `ss -ltnp 'sport = :{port}'`")
+            return (
+                WARN,
+                f"{host}:{port} is in use ({exc.strerror})",
+                (
+                    "fine if the appliance is running (`systemctl status qwen-appliance`); else find the "
+                    f"owner with `ss -ltnp 'sport = :{port}'`"
+                ),
+            )
     return PASS, f"{host}:{port} is free", ""
 
 
 def _build() -> Result:
     from appliance.engine.loader import describe_build
+
     info = describe_build()
     system = str(info["system_info"])
     gpu = bool(info["gpu_offload_supported"])
     detail = f"llama-cpp-python {info['llama_cpp_python']}; GPU offload {'yes' if gpu else 'no'}; {system}"
     if "AMX" in system and "AMX_INT8 = 1" in system and _cpu_flag("amx_tile"):
-        return WARN, detail, ("AMX kernels are built in; in VMs AMX can fault: rebuild with "
-                              "-DGGML_NATIVE=OFF (see README)")
+        return (
+            WARN,
+            detail,
+            ("AMX kernels are built in; in VMs AMX can fault: rebuild with -DGGML_NATIVE=OFF (see README)"),
+        )
     if not gpu:
         return WARN, detail, "CPU-only build: on the GPU box rebuild with CMAKE_ARGS=-DGGML_CUDA=on"
     return PASS, detail, ""
@@ -163,13 +181,16 @@ def _cpu_flag(flag: str) -> bool:
 
 def _gpu() -> Result:
     from appliance.engine.gpu import GpuMonitor
+
     monitor = GpuMonitor()
     snap = monitor.poll_once()
     monitor.stop()
     if not snap.get("available"):
         return WARN, f"no GPU: {snap.get('reason')}", "inference runs on the CPU (set require_gpu to forbid)"
-    devs = ", ".join(f"{d.get('name')} {d.get('memory_used_mb')}/{d.get('memory_total_mb')} MB "
-                     f"{d.get('temperature_c')} °C" for d in snap.get("devices", []))
+    devs = ", ".join(
+        f"{d.get('name')} {d.get('memory_used_mb')}/{d.get('memory_total_mb')} MB {d.get('temperature_c')} °C"
+        for d in snap.get("devices", [])
+    )
     return PASS, f"driver {snap.get('driver_version')}, CUDA {snap.get('cuda_version')}: {devs}", ""
 
 
@@ -193,4 +214,3 @@ def render(results: list[Check]) -> str:
     warned = sum(c.status == WARN for c in results)
     lines.append(f"\n{len(results)} checks: {failed} failed, {warned} warnings")
     return "\n".join(lines)
-

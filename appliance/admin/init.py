@@ -76,9 +76,14 @@ class InitResult:
     client_key: Path
 
     def as_json(self) -> dict[str, str]:
-        return {"policy": str(self.policy), "url": self.url, "token": self.token,
-                "ca_cert": str(self.ca_cert), "client_cert": str(self.client_cert),
-                "client_key": str(self.client_key)}
+        return {
+            "policy": str(self.policy),
+            "url": self.url,
+            "token": self.token,
+            "ca_cert": str(self.ca_cert),
+            "client_cert": str(self.client_cert),
+            "client_key": str(self.client_key),
+        }
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -90,17 +95,25 @@ def _rel(path: Path, base: Path) -> str:
         return str(path)
 
 
-def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = None,
-         mmproj: Path | None = None, client: str = "client-01", force: bool = False,
-         token_file: Path | None = None, allow: list[str] | None = None) -> InitResult:
+def init(
+    directory: Path,
+    listen: str = "127.0.0.1:8443",
+    model: Path | None = None,
+    mmproj: Path | None = None,
+    client: str = "client-01",
+    force: bool = False,
+    token_file: Path | None = None,
+    allow: list[str] | None = None,
+) -> InitResult:
     """Create DIR with tls/, clients/NAME/, data/ and policy.toml; refuse to overwrite unless forced."""
     policy_path = directory / "policy.toml"
     for cidr in allow or []:
         try:
             ipaddress.ip_network(cidr)
         except ValueError:
-            raise SetupError(f"--allow {cidr!r} is not an address range",
-                             hint="write it like 192.168.10.0/24") from None
+            raise SetupError(
+                f"--allow {cidr!r} is not an address range", hint="write it like 192.168.10.0/24"
+            ) from None
     if policy_path.exists() and not force:
         raise SetupError(f"{policy_path} already exists", hint="use another DIR or pass --force")
     directory.mkdir(parents=True, exist_ok=True)
@@ -108,8 +121,7 @@ def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = N
     host = listen.rpartition(":")[0].strip("[]")
     ca = pki.new_ca()
     pki.save(ca, directory / "tls/ca.crt", directory / "tls/ca.key")
-    pki.save(pki.new_server_cert(ca, [host]), directory / "tls/server.crt",
-             directory / "tls/server.key")
+    pki.save(pki.new_server_cert(ca, [host]), directory / "tls/server.crt", directory / "tls/server.key")
     bundle = directory / "clients" / client
     pki.save(pki.new_client_cert(ca, client), bundle / "client.crt", bundle / "client.key")
     files.write_public(bundle / "ca.crt", pki.cert_pem(ca.cert))
@@ -120,27 +132,47 @@ def init(directory: Path, listen: str = "127.0.0.1:8443", model: Path | None = N
     if token_file is not None:
         files.write_secret(token_file, token.encode() + b"\n")
     ranges = ["127.0.0.0/8", "::1/128", *(allow or [])]
-    files.write_public(policy_path, _policy_text(directory, listen, model, mmproj, client,
-                                               token, ranges).encode())
-    return InitResult(policy=policy_path.resolve(), url=_url(listen, host), token=token,
-                      ca_cert=(bundle / "ca.crt").resolve(),
-                      client_cert=(bundle / "client.crt").resolve(),
-                      client_key=(bundle / "client.key").resolve())
+    files.write_public(
+        policy_path, _policy_text(directory, listen, model, mmproj, client, token, ranges).encode()
+    )
+    return InitResult(
+        policy=policy_path.resolve(),
+        url=_url(listen, host),
+        token=token,
+        ca_cert=(bundle / "ca.crt").resolve(),
+        client_cert=(bundle / "client.crt").resolve(),
+        client_key=(bundle / "client.key").resolve(),
+    )
 
 
-def _policy_text(directory: Path, listen: str, model: Path | None, mmproj: Path | None,
-                 client: str, token: str, allow: list[str]) -> str:
+def _policy_text(
+    directory: Path,
+    listen: str,
+    model: Path | None,
+    mmproj: Path | None,
+    client: str,
+    token: str,
+    allow: list[str],
+) -> str:
     model_s = json.dumps(_rel(model, directory) if model else "models/model.gguf")
     if model is not None and model.is_file():
         model_s += f'\nsha256 = "{files.sha256_file(model)}"'  # pinned: a different file is refused at start
-    mmproj_line = f"mmproj = {json.dumps(_rel(mmproj, directory))}" if mmproj else \
-        '# mmproj = "models/mmproj.gguf"   # without it, images are refused'
+    mmproj_line = (
+        f"mmproj = {json.dumps(_rel(mmproj, directory))}"
+        if mmproj
+        else '# mmproj = "models/mmproj.gguf"   # without it, images are refused'
+    )
     if mmproj is not None and mmproj.is_file():
         mmproj_line += f'\nmmproj_sha256 = "{files.sha256_file(mmproj)}"'
-    return POLICY_TEMPLATE.format(listen=json.dumps(listen), model=model_s,
-                                  mmproj_line=mmproj_line, data_dir='"data"',
-                                  client=json.dumps(client), allow=json.dumps(allow),
-                                  token_sha256=token_digest(token))
+    return POLICY_TEMPLATE.format(
+        listen=json.dumps(listen),
+        model=model_s,
+        mmproj_line=mmproj_line,
+        data_dir='"data"',
+        client=json.dumps(client),
+        allow=json.dumps(allow),
+        token_sha256=token_digest(token),
+    )
 
 
 def _url(listen: str, host: str) -> str:

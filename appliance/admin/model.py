@@ -43,8 +43,9 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'NAME':<32} {'SIZE':>9}  {'INSTALLED':<11} DIGESTS")
     for e in manifest.entries:
         present = [(models_dir / s.file).is_file() for s in e.files]
-        installed = ("yes" if all(present) else "model only" if present[0]
-                     else "mmproj only" if present[1] else "no")
+        installed = (
+            "yes" if all(present) else "model only" if present[0] else "mmproj only" if present[1] else "no"
+        )
         origins = {expected_for(manifest, pins, s.file).origin for s in e.files}
         digests = "published" if origins == {"manifest"} else "pin on install" if "" in origins else "pinned"
         sizes = [s.size for s in e.files if s.size is not None]
@@ -63,8 +64,12 @@ def _pull(args: argparse.Namespace) -> int:
     entry = manifest.entry(args.name)
     models_dir = models_dir_of(args.models_dir)
     digests = install.pull(manifest, entry, models_dir, args.revision or entry.revision or "main")
-    print(policy_lines((models_dir / entry.model.file, digests["model"]),
-                       (models_dir / entry.mmproj.file, digests["mmproj"])))
+    print(
+        policy_lines(
+            (models_dir / entry.model.file, digests["model"]),
+            (models_dir / entry.mmproj.file, digests["mmproj"]),
+        )
+    )
     return 0
 
 
@@ -72,8 +77,9 @@ def _import(args: argparse.Namespace) -> int:
     """Install files from removable media after verifying them; print the policy lines."""
     manifest = load_manifest(args.manifest)
     entry = manifest.entry(args.name) if args.name else None
-    done = install.import_files(manifest, entry, [Path(f) for f in args.files],
-                                models_dir_of(args.models_dir), args.unlisted)
+    done = install.import_files(
+        manifest, entry, [Path(f) for f in args.files], models_dir_of(args.models_dir), args.unlisted
+    )
     print(policy_lines(done.get("model"), done.get("mmproj")))
     return 0
 
@@ -83,8 +89,9 @@ def _verify(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     if args.policy:
         model = load_policy(args.policy).model
-        checks = install.policy_checks([(model.path, model.sha256), (model.mmproj, model.mmproj_sha256)],
-                                       manifest)
+        checks = install.policy_checks(
+            [(model.path, model.sha256), (model.mmproj, model.mmproj_sha256)], manifest
+        )
     else:
         checks = install.dir_checks(models_dir_of(args.models_dir), manifest)
     failed = []
@@ -94,9 +101,12 @@ def _verify(args: argparse.Namespace) -> int:
         if verdict != "OK":
             failed.append(check.path)
     if failed:
-        print(f"qwen-appliance: error: {len(failed)} of {len(checks)} model files failed verification: "
-              f"{', '.join(map(str, failed))} (hint: a changed file must not be served: restore it with "
-              "`model pull` or `model import`)", file=sys.stderr)
+        print(
+            f"qwen-appliance: error: {len(failed)} of {len(checks)} model files failed verification: "
+            f"{', '.join(map(str, failed))} (hint: a changed file must not be served: restore it with "
+            "`model pull` or `model import`)",
+            file=sys.stderr,
+        )
         return 2
     print(f"OK: {len(checks)} model files verified")
     return 0
@@ -108,14 +118,30 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    keys = ("file", "bytes", "gguf_version", "tensors", "metadata_keys", "architecture", "name", "file_type",
-            "context_length", "parameter_count", "size_label", "projector_type", "description")
+    keys = (
+        "file",
+        "bytes",
+        "gguf_version",
+        "tensors",
+        "metadata_keys",
+        "architecture",
+        "name",
+        "file_type",
+        "context_length",
+        "parameter_count",
+        "size_label",
+        "projector_type",
+        "description",
+    )
     for key in keys:
         if info[key] is not None:
             print(f"{key.replace('_', ' '):<16} {escape_unprintable(str(info[key]), 500)}")
     template = info["chat_template"]
-    print(f"chat template    ({len(template)} characters)\n{escape_unprintable(template)}" if template else
-          "chat template    (none)")
+    print(
+        f"chat template    ({len(template)} characters)\n{escape_unprintable(template)}"
+        if template
+        else "chat template    (none)"
+    )
     return 0
 
 
@@ -124,10 +150,14 @@ def register(sub: Any) -> None:
     model = sub.add_parser("model", help="install, pin and check GGUF model files")
     msub = model.add_subparsers(dest="model_command", required=True)
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--models-dir", type=Path,
-                       help=f"install folder (default ${MODELS_ENV}, else {DEFAULT_MODELS_DIR})")
-    where.add_argument("--manifest", type=Path,
-                       help=f"known-good models (default ${MANIFEST_ENV}, else models/manifest.toml)")
+    where.add_argument(
+        "--models-dir", type=Path, help=f"install folder (default ${MODELS_ENV}, else {DEFAULT_MODELS_DIR})"
+    )
+    where.add_argument(
+        "--manifest",
+        type=Path,
+        help=f"known-good models (default ${MANIFEST_ENV}, else models/manifest.toml)",
+    )
 
     p = msub.add_parser("list", parents=[where], help="known-good models and which are installed")
     p.set_defaults(handler=_list)
@@ -140,8 +170,11 @@ def register(sub: Any) -> None:
     p = msub.add_parser("import", parents=[where], help="install files copied from removable media")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--name", help="manifest entry these files are (when they were renamed)")
-    p.add_argument("--unlisted", action="store_true",
-                   help="allow files the manifest does not know; their SHA-256 is pinned")
+    p.add_argument(
+        "--unlisted",
+        action="store_true",
+        help="allow files the manifest does not know; their SHA-256 is pinned",
+    )
     p.set_defaults(handler=_import)
 
     p = msub.add_parser("verify", parents=[where], help="re-hash installed files; exit 2 on any mismatch")

@@ -40,15 +40,22 @@ class Forwarder:
             self.dropped += 1
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
-                log.warning("audit forwarding to %s failed (%s); %d records not forwarded so far",
-                            self.path, exc.strerror, self.dropped)
+                log.warning(
+                    "audit forwarding to %s failed (%s); %d records not forwarded so far",
+                    self.path,
+                    exc.strerror,
+                    self.dropped,
+                )
 
     @staticmethod
     def _journald(record: dict[str, Any], line: bytes) -> bytes:
         """journald's native protocol: KEY=value lines; the JSON record is the MESSAGE."""
         status = record.get("status")
-        fields = {"MESSAGE": line.rstrip(b"\n").decode(), "SYSLOG_IDENTIFIER": "qwen-appliance-audit",
-                  "PRIORITY": "5" if isinstance(status, int) and status >= 400 else "6"}
+        fields = {
+            "MESSAGE": line.rstrip(b"\n").decode(),
+            "SYSLOG_IDENTIFIER": "qwen-appliance-audit",
+            "PRIORITY": "5" if isinstance(status, int) and status >= 400 else "6",
+        }
         for key in ("event", "seq", "request_id", "client", "source_ip", "status", "prev"):
             if record.get(key) is not None:
                 fields[f"QWA_{key.upper()}"] = str(record[key])
@@ -57,8 +64,11 @@ class Forwarder:
     @staticmethod
     def _syslog(record: dict[str, Any], line: bytes) -> bytes:
         """RFC 5424 (local0.info) with the JSON record as the message and key facts as structured data."""
-        sd = " ".join(f'{k}="{record[k]}"' for k in ("event", "seq", "status", "client")
-                      if record.get(k) is not None)
-        head = (f"<134>1 {record['ts']} {socket.gethostname()} qwen-appliance-audit {os.getpid()} "
-                f"AUDIT [qwa@32473 {sd}] ")
+        sd = " ".join(
+            f'{k}="{record[k]}"' for k in ("event", "seq", "status", "client") if record.get(k) is not None
+        )
+        head = (
+            f"<134>1 {record['ts']} {socket.gethostname()} qwen-appliance-audit {os.getpid()} "
+            f"AUDIT [qwa@32473 {sd}] "
+        )
         return head.encode() + line.rstrip(b"\n")

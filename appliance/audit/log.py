@@ -32,9 +32,27 @@ log = logging.getLogger("appliance.audit.log")
 
 GENESIS = "0" * 64
 FILE_RE = re.compile(r"^audit-(\d{12})-(\d{8}T\d{6}Z)\.jsonl$")
-FIELD_ORDER = ("ts", "seq", "event", "request_id", "client", "cert_sha256", "source_ip", "method",
-               "route", "status", "reason", "model_sha256", "prompt_tokens", "completion_tokens",
-               "images", "prompt_hmac", "image_hmac", "duration_ms", "queue_ms")
+FIELD_ORDER = (
+    "ts",
+    "seq",
+    "event",
+    "request_id",
+    "client",
+    "cert_sha256",
+    "source_ip",
+    "method",
+    "route",
+    "status",
+    "reason",
+    "model_sha256",
+    "prompt_tokens",
+    "completion_tokens",
+    "images",
+    "prompt_hmac",
+    "image_hmac",
+    "duration_ms",
+    "queue_ms",
+)
 MAC_SUFFIX = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
 CHAIN_LABEL = b"qwen-appliance audit chain v1"
 
@@ -64,7 +82,7 @@ def split_mac(line: bytes) -> tuple[bytes, str] | None:
     m = MAC_SUFFIX.search(line.rstrip(b"\n"))
     if m is None:
         return None
-    return line[:m.start()] + b"}", m.group(1).decode()
+    return line[: m.start()] + b"}", m.group(1).decode()
 
 
 def link_of(line: bytes) -> str:
@@ -79,19 +97,27 @@ def load_hmac_key(path: Path) -> bytes:
         st = path.stat()
         text = path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(path, "audit.hmac_key_file", f"cannot read ({exc.strerror})",
-                          hint="`qwen-appliance init` creates it; or `qwen-appliance audit keygen FILE`"
-                          ) from None
+        raise ConfigError(
+            path,
+            "audit.hmac_key_file",
+            f"cannot read ({exc.strerror})",
+            hint="`qwen-appliance init` creates it; or `qwen-appliance audit keygen FILE`",
+        ) from None
     if st.st_mode & 0o077:
-        raise ConfigError(path, "audit.hmac_key_file", "key is accessible by group or others",
-                          hint=f"chmod 600 {path}")
+        raise ConfigError(
+            path, "audit.hmac_key_file", "key is accessible by group or others", hint=f"chmod 600 {path}"
+        )
     try:
         key = bytes.fromhex(text)
     except ValueError:
         key = b""
     if len(key) < 32:
-        raise ConfigError(path, "audit.hmac_key_file", "must hold at least 32 random bytes as hex",
-                          hint="create one with `qwen-appliance audit keygen FILE`")
+        raise ConfigError(
+            path,
+            "audit.hmac_key_file",
+            "must hold at least 32 random bytes as hex",
+            hint="create one with `qwen-appliance audit keygen FILE`",
+        )
     return key
 
 
@@ -153,12 +179,21 @@ class AuditLog:
         if removed:
             log.warning("audit: removed empty newest file(s) %s", ", ".join(removed))
         log.info("audit trail continues after seq %d of %s", self._seq, last.name if last else "-")
-        self.write("audit.start", previous_file=last.name if last else None,
-                   previous_seq=self._seq if last else None, previous_mac=self._prev if last else None,
-                   previous_sealed=sealed if last else None, removed_empty_files=removed or None)
+        self.write(
+            "audit.start",
+            previous_file=last.name if last else None,
+            previous_seq=self._seq if last else None,
+            previous_mac=self._prev if last else None,
+            previous_sealed=sealed if last else None,
+            removed_empty_files=removed or None,
+        )
         if repaired:
-            self.write("audit.repair", reason=f"truncated a torn last line of {repaired} bytes",
-                       file=last.name if last else None, bytes_removed=repaired)
+            self.write(
+                "audit.repair",
+                reason=f"truncated a torn last line of {repaired} bytes",
+                file=last.name if last else None,
+                bytes_removed=repaired,
+            )
 
     def _resume(self, last: Path) -> None:
         lines = last.read_bytes().splitlines()
@@ -191,9 +226,10 @@ class AuditLog:
                 record = self._append(event, fields)
             except OSError as exc:
                 self._fail(exc)
-                raise AuditUnavailable(f"audit record could not be written ({exc.strerror})",
-                                       hint="free space in the audit directory or fix its "
-                                            "permissions") from None
+                raise AuditUnavailable(
+                    f"audit record could not be written ({exc.strerror})",
+                    hint="free space in the audit directory or fix its permissions",
+                ) from None
             if self.failing:
                 log.warning("audit trail writable again after: %s", self.failing)
                 self.failing = None
@@ -203,8 +239,11 @@ class AuditLog:
     def _append(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
         assert self._fd is not None
         now = dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
-        record: dict[str, Any] = {"ts": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                                  "seq": self._seq + 1, "event": event}
+        record: dict[str, Any] = {
+            "ts": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "seq": self._seq + 1,
+            "event": event,
+        }
         extra = {k: v for k, v in fields.items() if v is not None}
         record.update({k: extra.pop(k) for k in FIELD_ORDER if k in extra})
         record.update(sorted(extra.items()))
@@ -227,8 +266,10 @@ class AuditLog:
             written = os.write(self._fd, line)
             if written != len(line):
                 raise OSError(28, "short write")
-            if self.cfg.fsync == "always" or (
-                    time.monotonic() - self._last_fsync) * 1000 >= self.cfg.fsync_interval_ms:
+            if (
+                self.cfg.fsync == "always"
+                or (time.monotonic() - self._last_fsync) * 1000 >= self.cfg.fsync_interval_ms
+            ):
                 os.fsync(self._fd)
                 self._last_fsync = time.monotonic()
         except OSError:
@@ -283,8 +324,13 @@ class AuditLog:
             try:
                 self._write_owed()
                 self._seal("shutdown")
-                log.info("audit trail sealed at seq %d in %s (a known point for `audit verify "
-                         "--expect-through %d`)", self._seq, self._path, self._seq)
+                point = f"{self._seq}:{self._prev[:16]}"  # seq + MAC: no later start can re-create it
+                log.info(
+                    "audit trail sealed at seq %d in %s (a known point: `audit verify --expect-through %s`)",
+                    self._seq,
+                    self._path,
+                    point,
+                )
             except OSError as exc:
                 log.error("audit: could not write the shutdown seal (%s)", exc.strerror)
             if self._fd is not None:
@@ -300,9 +346,13 @@ class AuditLog:
                 continue
             lines = path.read_bytes().splitlines()
             last = json.loads(lines[-1]) if lines else {}
-            self.write("audit.retention_delete", file=path.name,
-                       last_seq=last.get("seq"), last_hash=link_of(lines[-1]) if lines else None,
-                       reason=f"older than {self.cfg.retention_days} days")
+            self.write(
+                "audit.retention_delete",
+                file=path.name,
+                last_seq=last.get("seq"),
+                last_hash=link_of(lines[-1]) if lines else None,
+                reason=f"older than {self.cfg.retention_days} days",
+            )
             path.unlink()
             deleted.append(path.name)
         return deleted

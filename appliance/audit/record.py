@@ -7,9 +7,11 @@ with fail_closed, a record that cannot be written turns the response into a 503.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from appliance.audit.log import AuditLog, AuditUnavailable, Hmac
@@ -22,14 +24,18 @@ MAX_ROUTE = 200
 
 
 class Trail:
-    """Async front of the audit log for the request path (writes run off the event loop)."""
+    """Async front of the audit log for the request path: writes run off the event loop, on the trail's
+    own thread (one: the log is append-only and fsynced under one lock anyway), so no other work queued
+    on a shared pool (image decoding, tokenizing) ever delays a record, or the answer waiting for it."""
 
-    def __init__(self, audit: AuditLog, hmac: Hmac, fail_closed: bool,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, audit: AuditLog, hmac: Hmac, fail_closed: bool, metrics: Metrics | None = None
+    ) -> None:
         self.audit = audit
         self.hmac = hmac
         self.fail_closed = fail_closed
         self.metrics = metrics
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit")
 
     @property
     def failing(self) -> str | None:
@@ -38,7 +44,8 @@ class Trail:
     async def write(self, event: str, **fields: Any) -> None:
         """Write one record; raises AuditUnavailable only when the policy says to fail closed."""
         try:
-            await asyncio.to_thread(self.audit.write, event, **fields)
+            write = functools.partial(self.audit.write, event, **fields)
+            await asyncio.get_running_loop().run_in_executor(self._writer, write)
             if self.metrics is not None:
                 self.metrics.audit_write.observe(self.audit.write_seconds)
         except AuditUnavailable:
@@ -46,8 +53,13 @@ class Trail:
                 self.metrics.audit_failures.inc()
             if self.fail_closed:
                 raise
-            log.error("audit record %s for request %s LOST (fail_closed = false)", event,
-                      fields.get("request_id"))
+            log.error(
+                "audit record %s for request %s LOST (fail_closed = false)", event, fields.get("request_id")
+            )
+
+    def close(self) -> None:
+        """Let the records already handed over finish; then the writer thread ends."""
+        self._writer.shutdown(wait=True)
 
     async def complete(self, scope: MutableMapping[str, Any], reason: str | None = None) -> bool:
         """Write a stream's completion record once; False when it could not be (the stream must not end
@@ -61,8 +73,10 @@ class Trail:
         try:
             await self.write("request.complete", **self.request_fields(scope, 200))
         except AuditUnavailable:
-            log.error("request %s: stream completion record NOT written; the stream ends with an error",
-                      state.request_id)
+            log.error(
+                "request %s: stream completion record NOT written; the stream ends with an error",
+                state.request_id,
+            )
             return False
         return True
 
@@ -90,9 +104,12 @@ class Trail:
         """Digests and sizes of a request's prompt and images, for correlation without content."""
         text = "\n".join(p for m in messages for p in m.parts if isinstance(p, str))
         images = [img for m in messages for img in m.images]
-        return {"model_sha256": model_sha256, "prompt_hmac": self.hmac.text(text),
-                "images": [_image_facts(i) for i in images] or None,
-                "image_hmac": [self.hmac.image(i.source_sha256) for i in images] or None}
+        return {
+            "model_sha256": model_sha256,
+            "prompt_hmac": self.hmac.text(text),
+            "images": [_image_facts(i) for i in images] or None,
+            "image_hmac": [self.hmac.image(i.source_sha256) for i in images] or None,
+        }
 
 
 def _route(scope: MutableMapping[str, Any]) -> str:
@@ -102,8 +119,7 @@ def _route(scope: MutableMapping[str, Any]) -> str:
 
 
 def _image_facts(img: RGBImage) -> dict[str, Any]:
-    return {"width": img.width, "height": img.height, "bytes": img.source_bytes,
-            "format": img.source_format}
+    return {"width": img.width, "height": img.height, "bytes": img.source_bytes, "format": img.source_format}
 
 
 __all__ = ["AuditUnavailable", "Trail"]

@@ -46,19 +46,26 @@ def image_part(path: Path, limit: int = LOCAL_IMAGE_LIMIT) -> dict[str, Any]:
     try:
         size = path.stat().st_size
         if size > limit:
-            raise AskError(f"{path}: {size} bytes is over the {limit // 1_000_000} MB limit",
-                           hint="crop the page or export it at a lower resolution", exit_code=EXIT_USAGE)
+            raise AskError(
+                f"{path}: {size} bytes is over the {limit // 1_000_000} MB limit",
+                hint="crop the page or export it at a lower resolution",
+                exit_code=EXIT_USAGE,
+            )
         data = path.read_bytes()
     except OSError as exc:
         raise AskError(f"{path}: cannot read ({exc.strerror})", exit_code=EXIT_USAGE) from None
     mime = sniff(data)
     if data.startswith(b"%PDF-"):
-        raise AskError(f"{path}: PDF files are not sent",
-                       hint="export the page as PNG (e.g. `pdftoppm -png -r 150 -f 1 -l 1 FILE page`) "
-                            "and pass that with --image", exit_code=EXIT_USAGE)
+        raise AskError(
+            f"{path}: PDF files are not sent",
+            hint="export the page as PNG (e.g. `pdftoppm -png -r 150 -f 1 -l 1 FILE page`) "
+            "and pass that with --image",
+            exit_code=EXIT_USAGE,
+        )
     if mime is None:
-        raise AskError(f"{path}: not a PNG, JPEG or WebP image", hint="convert it to PNG first",
-                       exit_code=EXIT_USAGE)
+        raise AskError(
+            f"{path}: not a PNG, JPEG or WebP image", hint="convert it to PNG first", exit_code=EXIT_USAGE
+        )
     uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
     return {"type": "image_url", "image_url": {"url": uri}}
 
@@ -69,13 +76,15 @@ def image_part(path: Path, limit: int = LOCAL_IMAGE_LIMIT) -> dict[str, Any]:
 def _question(args: argparse.Namespace) -> str:
     text = sys.stdin.read() if args.question == "-" else args.question
     if not text.strip():
-        raise AskError("the question is empty", hint='e.g. qwen-appliance ask "What is the total?"',
-                       exit_code=EXIT_USAGE)
+        raise AskError(
+            "the question is empty", hint='e.g. qwen-appliance ask "What is the total?"', exit_code=EXIT_USAGE
+        )
     return str(text)
 
 
-def request_body(question: str, image_files: list[Path], max_tokens: int | None,
-                 temperature: float | None = None) -> dict[str, Any]:
+def request_body(
+    question: str, image_files: list[Path], max_tokens: int | None, temperature: float | None = None
+) -> dict[str, Any]:
     """An OpenAI chat request: the images first, then the question, streamed."""
     content: list[dict[str, Any]] | str = question
     if image_files:
@@ -106,8 +115,10 @@ def stream_answer(lines: Iterator[str], out: TextIO) -> str | None:
             out.write(strip_control(piece.replace("\r\n", "\n"), keep="\t\n") if out.isatty() else piece)
             out.flush()
         finish = choice.get("finish_reason") or finish
-    raise AskError("the answer was cut off: the connection ended before it was complete",
-                   hint="ask again; if it persists, tell the appliance admin")
+    raise AskError(
+        "the answer was cut off: the connection ended before it was complete",
+        hint="ask again; if it persists, tell the appliance admin",
+    )
 
 
 def _post(client: httpx.Client, url: str, body: dict[str, Any], out: TextIO) -> str | None:
@@ -132,8 +143,9 @@ def ask(args: argparse.Namespace, out: TextIO | None = None) -> int:
     ctx = ssl_context(profile)
     headers = {"authorization": f"Bearer {profile.token}", "accept": "text/event-stream"}
     # The appliance is reached directly on the branch LAN: proxy variables are not used.
-    with httpx.Client(verify=ctx, headers=headers, trust_env=False,
-                      timeout=httpx.Timeout(args.timeout, connect=10)) as client:
+    with httpx.Client(
+        verify=ctx, headers=headers, trust_env=False, timeout=httpx.Timeout(args.timeout, connect=10)
+    ) as client:
         try:
             finish = _post(client, f"{server}/v1/chat/completions", body, out)
         except httpx.TransportError as exc:
@@ -150,36 +162,59 @@ def ask(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default", help="profile name (default %(default)s)")
-    p.add_argument("--config", type=Path,
-                   help="profile file (default $XDG_CONFIG_HOME/qwen-appliance/client.toml)")
+    p.add_argument(
+        "--config", type=Path, help="profile file (default $XDG_CONFIG_HOME/qwen-appliance/client.toml)"
+    )
 
 
 def register(sub: Any) -> None:
     """Add `ask` and `client setup` to the CLI (each sets `handler`)."""
-    p = sub.add_parser("ask", help="ask the appliance a question; the answer streams to the terminal",
-                       description=EXIT_HELP)
+    p = sub.add_parser(
+        "ask", help="ask the appliance a question; the answer streams to the terminal", description=EXIT_HELP
+    )
     p.add_argument("question", help='the question, or "-" to read it from stdin')
-    p.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
-                   help="a PNG, JPEG or WebP image to ask about (repeatable; PDFs: export the page as PNG)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a PNG, JPEG or WebP image to ask about (repeatable; PDFs: export the page as PNG)",
+    )
     p.add_argument("--server", help="https://HOST:PORT, instead of the profile's")
     p.add_argument("--max-tokens", type=int, metavar="N", help="longest answer, in tokens")
-    p.add_argument("--temperature", type=float, metavar="T",
-                   help="0 for the most likely, repeatable answer (the server's default otherwise)")
-    p.add_argument("--timeout", type=float, default=300, metavar="S",
-                   help="seconds to wait for the next piece of the answer (default %(default)s)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="0 for the most likely, repeatable answer (the server's default otherwise)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        metavar="S",
+        help="seconds to wait for the next piece of the answer (default %(default)s)",
+    )
     _common(p)
     p.set_defaults(handler=ask)
 
     client = sub.add_parser("client", help="set up this machine to use the appliance")
     csub = client.add_subparsers(dest="client_command", required=True)
-    p = csub.add_parser("setup", help="save a profile: server, CA, client certificate and token "
-                                      "(the token is read from stdin or a prompt)")
+    p = csub.add_parser(
+        "setup",
+        help="save a profile: server, CA, client certificate and token "
+        "(the token is read from stdin or a prompt)",
+    )
     p.add_argument("--server", required=True, help="https://HOST:PORT of the appliance")
     p.add_argument("--ca", type=Path, required=True, help="the appliance's CA certificate (ca.crt)")
     p.add_argument("--cert", type=Path, help="your client certificate (NAME.crt)")
     p.add_argument("--key", type=Path, help="its private key (NAME.key)")
-    p.add_argument("--p12", type=Path,
-                   help=f"or a PKCS#12 file instead of --cert/--key (password: prompt, stdin's second "
-                        f"line, or ${P12_PASSWORD_ENV})")
+    p.add_argument(
+        "--p12",
+        type=Path,
+        help=f"or a PKCS#12 file instead of --cert/--key (password: prompt, stdin's second "
+        f"line, or ${P12_PASSWORD_ENV})",
+    )
     _common(p)
     p.set_defaults(handler=setup)

@@ -45,8 +45,15 @@ class Profile:
     p12_password: str | None = None
 
     def as_toml(self) -> dict[str, str]:
-        values = {"server": self.server, "ca": self.ca, "cert": self.cert, "key": self.key,
-                  "p12": self.p12, "p12_password": self.p12_password, "token": self.token}
+        values = {
+            "server": self.server,
+            "ca": self.ca,
+            "cert": self.cert,
+            "key": self.key,
+            "p12": self.p12,
+            "p12_password": self.p12_password,
+            "token": self.token,
+        }
         return {k: str(v) for k, v in values.items() if v is not None}
 
 
@@ -62,33 +69,38 @@ def _check_private(path: Path) -> None:
     """The file holds a token: refuse it when anyone but the owner can read or write it."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise SetupError(f"{path}: readable by others (mode {mode:04o}); it holds your token",
-                         hint=f"chmod 600 {path}")
+        raise SetupError(
+            f"{path}: readable by others (mode {mode:04o}); it holds your token", hint=f"chmod 600 {path}"
+        )
 
 
 def _read_doc(path: Path) -> tomlkit.TOMLDocument:
     try:
         return tomlkit.parse(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, tomlkit.exceptions.ParseError) as exc:
-        raise SetupError(f"{path}: not a valid TOML file ({exc})",
-                         hint="fix it, or delete it and run `qwen-appliance client setup` again") from None
+        raise SetupError(
+            f"{path}: not a valid TOML file ({exc})",
+            hint="fix it, or delete it and run `qwen-appliance client setup` again",
+        ) from None
 
 
 def load_profile(path: Path, name: str) -> Profile:
     """Read one profile, refusing a file that others can read."""
     if not path.is_file():
-        raise SetupError(f"{path}: no client profile yet",
-                         hint="create it with `qwen-appliance client setup --server URL --ca CA "
-                              "--cert CRT --key KEY`")
+        raise SetupError(
+            f"{path}: no client profile yet",
+            hint="create it with `qwen-appliance client setup --server URL --ca CA --cert CRT --key KEY`",
+        )
     _check_private(path)
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")).get("profiles", {}).get(name)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SetupError(f"{path}: not a valid TOML file ({exc})") from None
     if not isinstance(table, dict):
-        raise SetupError(f"{path}: no profile named {name!r}",
-                         hint=f"run `qwen-appliance client setup --profile {name} ...`, or pick another "
-                              "with --profile")
+        raise SetupError(
+            f"{path}: no profile named {name!r}",
+            hint=f"run `qwen-appliance client setup --profile {name} ...`, or pick another with --profile",
+        )
     return _profile(path, name, table)
 
 
@@ -98,17 +110,26 @@ def _profile(path: Path, name: str, table: dict[str, Any]) -> Profile:
         if value is None and not required:
             return None
         if not isinstance(value, str) or not value:
-            raise SetupError(f"{path}: [profiles.{name}] {key}: must be a non-empty string",
-                             hint="run `qwen-appliance client setup` again")
+            raise SetupError(
+                f"{path}: [profiles.{name}] {key}: must be a non-empty string",
+                hint="run `qwen-appliance client setup` again",
+            )
         return value
 
     def file(key: str) -> Path | None:
         value = text(key)
         return Path(value) if value else None
 
-    return Profile(name=name, server=str(text("server", True)), token=str(text("token", True)),
-                   ca=file("ca"), cert=file("cert"), key=file("key"), p12=file("p12"),
-                   p12_password=text("p12_password"))
+    return Profile(
+        name=name,
+        server=str(text("server", True)),
+        token=str(text("token", True)),
+        ca=file("ca"),
+        cert=file("cert"),
+        key=file("key"),
+        p12=file("p12"),
+        p12_password=text("p12_password"),
+    )
 
 
 def save_profile(path: Path, profile: Profile) -> None:
@@ -131,8 +152,9 @@ def check_url(server: str) -> None:
     """The appliance is reached over HTTPS only, at a host name or address."""
     parts = urlsplit(server)
     if parts.scheme != "https" or not parts.hostname:
-        raise SetupError(f"server URL {server!r}: must be https://HOST:PORT",
-                         hint="e.g. https://192.168.10.5:8443")
+        raise SetupError(
+            f"server URL {server!r}: must be https://HOST:PORT", hint="e.g. https://192.168.10.5:8443"
+        )
 
 
 # --- TLS -----------------------------------------------------------------------------------------
@@ -148,12 +170,15 @@ def ssl_context(profile: Profile) -> ssl.SSLContext:
         elif profile.cert is not None:
             ctx.load_cert_chain(str(profile.cert), str(profile.key) if profile.key else None)
     except FileNotFoundError as exc:
-        raise SetupError(f"{exc.filename}: not found",
-                         hint="the profile names a file that moved; run `qwen-appliance client setup` "
-                              "again") from None
+        raise SetupError(
+            f"{exc.filename}: not found",
+            hint="the profile names a file that moved; run `qwen-appliance client setup` again",
+        ) from None
     except (OSError, ssl.SSLError) as exc:
-        raise SetupError(f"profile {profile.name!r}: cannot load its CA or client certificate ({exc})",
-                         hint="pass the files the admin issued: ca.crt, NAME.crt and NAME.key") from None
+        raise SetupError(
+            f"profile {profile.name!r}: cannot load its CA or client certificate ({exc})",
+            hint="pass the files the admin issued: ca.crt, NAME.crt and NAME.key",
+        ) from None
     return ctx
 
 
@@ -162,8 +187,10 @@ def _load_p12(ctx: ssl.SSLContext, path: Path, password: str) -> None:
     try:
         key, cert, chain = pkcs12.load_key_and_certificates(path.read_bytes(), password.encode())
     except ValueError:
-        raise SetupError(f"{path}: cannot open this PKCS#12 file (wrong password, or not PKCS#12)",
-                         hint=f"check the password the admin sent (or ${P12_PASSWORD_ENV})") from None
+        raise SetupError(
+            f"{path}: cannot open this PKCS#12 file (wrong password, or not PKCS#12)",
+            hint=f"check the password the admin sent (or ${P12_PASSWORD_ENV})",
+        ) from None
     if key is None or cert is None:
         raise SetupError(f"{path}: this PKCS#12 file holds no certificate and key")
     one_off = secrets.token_bytes(32)
@@ -171,8 +198,12 @@ def _load_p12(ctx: ssl.SSLContext, path: Path, password: str) -> None:
     with tempfile.TemporaryDirectory(prefix="qwa-") as folder:
         crt, key_file = Path(folder) / "client.crt", Path(folder) / "client.key"
         crt.write_bytes(cert.public_bytes(pem) + b"".join(c.public_bytes(pem) for c in chain))
-        files.write_secret(key_file, key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(one_off)))
+        files.write_secret(
+            key_file,
+            key.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(one_off)
+            ),
+        )
         ctx.load_cert_chain(str(crt), str(key_file), password=one_off)
 
 
@@ -198,8 +229,9 @@ def _check_ca(ca: Path) -> None:
     try:
         x509.load_pem_x509_certificates(ca.read_bytes())
     except ValueError:
-        raise SetupError(f"{ca}: no PEM certificate in this file",
-                         hint="pass ca.crt from the bundle the admin issued") from None
+        raise SetupError(
+            f"{ca}: no PEM certificate in this file", hint="pass ca.crt from the bundle the admin issued"
+        ) from None
 
 
 def setup(args: argparse.Namespace) -> int:
@@ -219,13 +251,23 @@ def setup(args: argparse.Namespace) -> int:
     password = None
     if args.p12:
         password = os.environ.get(P12_PASSWORD_ENV) or _secret_input("PKCS#12 password: ")
-    profile = Profile(name=args.profile, server=server, token=token, ca=ca, cert=_readable(args.cert),
-                      key=_readable(args.key), p12=_readable(args.p12), p12_password=password)
+    profile = Profile(
+        name=args.profile,
+        server=server,
+        token=token,
+        ca=ca,
+        cert=_readable(args.cert),
+        key=_readable(args.key),
+        p12=_readable(args.p12),
+        p12_password=password,
+    )
     ssl_context(profile)  # the files load and match, or the profile is not written
     path = config_path(args.config)
     save_profile(path, profile)
-    print(f"Saved profile {profile.name!r} for {server} in {path} (0600).\n"
-          f'Try it: qwen-appliance ask{_profile_flag(profile.name)} "Hello"')
+    print(
+        f"Saved profile {profile.name!r} for {server} in {path} (0600).\n"
+        f'Try it: qwen-appliance ask{_profile_flag(profile.name)} "Hello"'
+    )
     return 0
 
 

@@ -39,12 +39,20 @@ def add_revoked(policy: Path, fingerprint: str) -> bool:
     doc = parse(policy, text)
     server = doc.get("server")
     if not isinstance(server, dict):
-        raise ConfigError(policy, "server", "missing [server] table",
-                          hint="pass the policy.toml that `qwen-appliance init` wrote")
+        raise ConfigError(
+            policy,
+            "server",
+            "missing [server] table",
+            hint="pass the policy.toml that `qwen-appliance init` wrote",
+        )
     current = server.get("revoked", [])
     if not isinstance(current, list) or not all(isinstance(v, str) for v in current):
-        raise ConfigError(policy, "server.revoked", "must be a list of SHA-256 fingerprints",
-                          hint='write it as revoked = ["64 hex digits", ...]')
+        raise ConfigError(
+            policy,
+            "server.revoked",
+            "must be a list of SHA-256 fingerprints",
+            hint='write it as revoked = ["64 hex digits", ...]',
+        )
     if fingerprint in (v.lower().replace(":", "") for v in current):
         return False
     edited = tomlkit.parse(text)
@@ -104,7 +112,7 @@ def _scan(line: str, ml: str | None, depth: int) -> tuple[str | None, int]:
                 return ml, depth
             i, ml = end, None
         elif line.startswith(('"""', "'''"), i):
-            ml, i = line[i:i + 3], i + 3
+            ml, i = line[i : i + 3], i + 3
         elif line[i] in "\"'":
             i = _string_end(line, i)
         elif line[i] == "#":
@@ -127,8 +135,15 @@ def _kinds(lines: list[str]) -> list[str]:
             key = re.sub(r"[\s\"']", "", inner.split("]", 1)[0])
             kinds.append(f"header [{key}]" if bare.startswith("[[") else f"header {key}")
             continue
-        kinds.append("value" if ml or depth else "blank" if not bare else
-                     "comment" if bare.startswith("#") else "value")
+        kinds.append(
+            "value"
+            if ml or depth
+            else "blank"
+            if not bare
+            else "comment"
+            if bare.startswith("#")
+            else "value"
+        )
         ml, depth = _scan(line, ml, depth)
     return kinds
 
@@ -148,9 +163,10 @@ def _client_spans(kinds: list[str]) -> list[Span]:
         if kind != "header [clients]":
             continue
         end = i + 1
-        while end < len(kinds) and not (kinds[end].startswith("header") and
-                                        not kinds[end].startswith(("header clients.",
-                                                                   "header [clients."))):
+        while end < len(kinds) and not (
+            kinds[end].startswith("header")
+            and not kinds[end].startswith(("header clients.", "header [clients."))
+        ):
             end += 1
         spans.append(Span(_lead_start(kinds, i), _own_end(kinds, i, end)))
     return spans
@@ -182,8 +198,12 @@ def read_text(policy: Path) -> str:
     try:
         return policy.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise ConfigError(policy, None, f"cannot read policy file ({exc.strerror})",
-                          hint="pass the policy.toml that `qwen-appliance init` wrote") from None
+        raise ConfigError(
+            policy,
+            None,
+            f"cannot read policy file ({exc.strerror})",
+            hint="pass the policy.toml that `qwen-appliance init` wrote",
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(policy, None, "not UTF-8 text", hint="TOML files are UTF-8") from None
 
@@ -193,16 +213,18 @@ def parse(policy: Path, text: str) -> dict[str, Any]:
     try:
         return files.load_toml(text)
     except files.TOMLDecodeError as exc:
-        raise ConfigError(policy, None, f"not valid TOML: {exc}",
-                          hint="check quoting and brackets near the position shown") from None
+        raise ConfigError(
+            policy, None, f"not valid TOML: {exc}", hint="check quoting and brackets near the position shown"
+        ) from None
 
 
 def clients(policy: Path, doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The [[clients]] tables, as raw dicts."""
     found = doc.get("clients", [])
     if not isinstance(found, list) or not all(isinstance(c, dict) for c in found):
-        raise ConfigError(policy, "clients", "must be an array of tables",
-                          hint="write each client as a [[clients]] table")
+        raise ConfigError(
+            policy, "clients", "must be an array of tables", hint="write each client as a [[clients]] table"
+        )
     return found
 
 
@@ -241,15 +263,19 @@ def _remove(text: str, index: int) -> str:
     if span.end == len(lines) or kinds[span.end] == "blank":
         while start > 0 and kinds[start - 1] == "blank":
             start -= 1
-    return "".join(lines[:start] + lines[span.end:])
+    return "".join(lines[:start] + lines[span.end :])
 
 
 def _check_mode(policy: Path) -> os.stat_result:
     """Refuse to edit a file others can change: its content decides who gets in."""
     st = policy.stat()
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(policy, None, f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})",
-                          hint=f"chmod go-w {policy}")
+        raise ConfigError(
+            policy,
+            None,
+            f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})",
+            hint=f"chmod go-w {policy}",
+        )
     return st
 
 
@@ -269,20 +295,26 @@ def _commit(policy: Path, old: str, new: str) -> None:
     def check(tmp: Path) -> None:
         _validate(tmp, policy)
         if real.read_bytes() != old.encode("utf-8"):
-            raise SetupError(f"{policy} changed while this command ran; nothing was written",
-                             hint="run the command again")
+            raise SetupError(
+                f"{policy} changed while this command ran; nothing was written", hint="run the command again"
+            )
 
     try:
-        files.atomic_write(real, new.encode("utf-8"), stat.S_IMODE(st.st_mode),
-                         owner=(st.st_uid, st.st_gid), check=check)
+        files.atomic_write(
+            real, new.encode("utf-8"), stat.S_IMODE(st.st_mode), owner=(st.st_uid, st.st_gid), check=check
+        )
     except PermissionError as exc:
-        raise SetupError(f"{policy}: cannot write it with its owner {st.st_uid}:{st.st_gid} kept "
-                         f"({exc.strerror})", hint="run as root or as the file's owner") from None
+        raise SetupError(
+            f"{policy}: cannot write it with its owner {st.st_uid}:{st.st_gid} kept ({exc.strerror})",
+            hint="run as root or as the file's owner",
+        ) from None
 
 
 def _edit(policy: Path, old: str, new: str, expected: dict[str, Any]) -> None:
     """Guard the splice: the new text must parse to exactly the intended document before it is written."""
     if parse(policy, new) != expected:
-        raise SetupError(f"{policy}: cannot edit this file's layout safely; nothing was written",
-                         hint=f"make the change by hand, then run `qwen-appliance policy check {policy}`")
+        raise SetupError(
+            f"{policy}: cannot edit this file's layout safely; nothing was written",
+            hint=f"make the change by hand, then run `qwen-appliance policy check {policy}`",
+        )
     _commit(policy, old, new)

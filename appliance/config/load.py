@@ -41,13 +41,18 @@ def load_policy(file: Path | str) -> Policy:
     try:
         raw = read_stable(path)
     except OSError as exc:
-        raise ConfigError(path, None, f"cannot read policy file ({exc.strerror})",
-                          hint="run `qwen-appliance init DIR` to create one") from None
+        raise ConfigError(
+            path,
+            None,
+            f"cannot read policy file ({exc.strerror})",
+            hint="run `qwen-appliance init DIR` to create one",
+        ) from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(path, None, f"not valid TOML: {exc}",
-                          hint="check quoting and brackets near the position shown") from None
+        raise ConfigError(
+            path, None, f"not valid TOML: {exc}", hint="check quoting and brackets near the position shown"
+        ) from None
     return _build(path, hashlib.sha256(raw).hexdigest(), doc)
 
 
@@ -68,9 +73,16 @@ def _build(path: Path, digest: str, doc: dict[str, Any]) -> Policy:
     server["trusted_proxies"] = tuple(server["trusted_proxies"])
     server["revoked"] = frozenset(server["revoked"])
     model["tensor_split"] = tuple(model["tensor_split"])
-    policy = Policy(file=path, digest=digest, server=ServerPolicy(host=host, port=port, **server),
-                    model=ModelPolicy(**model), limits=LimitsPolicy(**limits),
-                    audit=AuditPolicy(**audit), health=HealthPolicy(**health), clients=clients)
+    policy = Policy(
+        file=path,
+        digest=digest,
+        server=ServerPolicy(host=host, port=port, **server),
+        model=ModelPolicy(**model),
+        limits=LimitsPolicy(**limits),
+        audit=AuditPolicy(**audit),
+        health=HealthPolicy(**health),
+        clients=clients,
+    )
     _cross_check(errs, policy)
     errs.raise_if_any()
     return policy
@@ -84,12 +96,12 @@ def _section(errs: Problems, base: Path, doc: dict[str, Any], name: str) -> dict
     return _table(errs, base, table, settings_in(name), name)
 
 
-def _table(errs: Problems, base: Path, table: dict[str, Any], keys: tuple[Setting, ...],
-           where: str) -> dict[str, Any]:
+def _table(
+    errs: Problems, base: Path, table: dict[str, Any], keys: tuple[Setting, ...], where: str
+) -> dict[str, Any]:
     known = {s.key: s for s in keys}
     for key in sorted(set(table) - set(known)):
-        errs.add(f"{where}.{key}", "unknown key",
-                 hint=f"known keys: {', '.join(known)}; see docs/policy.md")
+        errs.add(f"{where}.{key}", "unknown key", hint=f"known keys: {', '.join(known)}; see docs/policy.md")
     out: dict[str, Any] = {}
     for key, setting in known.items():
         if key not in table:
@@ -107,6 +119,7 @@ def _table(errs: Problems, base: Path, table: dict[str, Any], keys: tuple[Settin
 
 def _value(errs: Problems, base: Path, s: Setting, value: Any, key: str) -> Any:
     """Check one value against its declared kind; paths resolve against the policy's folder."""
+
     def bad(why: str) -> Any:
         errs.add(key, why, hint=s.help)
         return _INVALID
@@ -151,9 +164,14 @@ def _path(s: Setting, value: Any, bad: Callable[[str], Any], base: Path) -> Any:
 def _listen(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
     host, sep, port_s = str(value).rpartition(":")
     host = host.strip("[]")
-    if not isinstance(value, str) or not sep or not host or not port_s.isdigit() \
-            or not 0 < int(port_s) < 65536:
-        return bad("must be HOST:PORT, e.g. \"0.0.0.0:8443\"")
+    if (
+        not isinstance(value, str)
+        or not sep
+        or not host
+        or not port_s.isdigit()
+        or not 0 < int(port_s) < 65536
+    ):
+        return bad('must be HOST:PORT, e.g. "0.0.0.0:8443"')
     return host, int(port_s)
 
 
@@ -168,7 +186,7 @@ def _strlist(s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> 
 
 def _cidrs(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return bad("must be a list of address ranges like \"192.168.10.0/24\"")
+        return bad('must be a list of address ranges like "192.168.10.0/24"')
     nets = []
     for v in value:
         try:
@@ -199,21 +217,32 @@ def _date(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> An
 def _rate(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
     m = _RATE.fullmatch(value) if isinstance(value, str) else None
     if not m or int(m.group(1)) < 1:
-        return bad("must look like \"60/minute\" (units: second, minute, hour, day)")
+        return bad('must look like "60/minute" (units: second, minute, hour, day)')
     return Rate(int(m.group(1)), UNIT_SECONDS[m.group(2)])
 
 
 def _floats(_s: Setting, value: Any, bad: Callable[[str], Any], _base: Path) -> Any:
     if not isinstance(value, list) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value):
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
         return bad("must be a list of non-negative numbers, e.g. [3, 1]")
     return [float(v) for v in value]
 
 
 _KINDS: dict[str, Callable[[Setting, Any, Callable[[str], Any], Path], Any]] = {
-    "int": _int, "str": _str, "choice": _str, "bool": _bool, "path": _path, "listen": _listen,
-    "list[str]": _strlist, "cidrs": _cidrs, "hex": _hex, "hexlist": _hexlist, "date": _date,
-    "rate": _rate, "floats": _floats,
+    "int": _int,
+    "str": _str,
+    "choice": _str,
+    "bool": _bool,
+    "path": _path,
+    "listen": _listen,
+    "list[str]": _strlist,
+    "cidrs": _cidrs,
+    "hex": _hex,
+    "hexlist": _hexlist,
+    "date": _date,
+    "rate": _rate,
+    "floats": _floats,
 }
 
 
@@ -227,15 +256,25 @@ def _clients(errs: Problems, base: Path, items: Any) -> tuple[Client, ...]:
         where = f"clients[{n}]"
         values = _table(errs, base, item, settings_in("clients"), where)
         if isinstance(values["name"], str) and not CLIENT_NAME.fullmatch(values["name"]):
-            errs.add(f"{where}.name", f"invalid client name {values['name']!r}",
-                     hint="letters, digits, '.', '_' and '-', at most 64")
-        if values["token_sha256"] is not _INVALID and isinstance(values["token_sha256"], str) \
-                and not _HEX64.fullmatch(values["token_sha256"].lower()):
-            errs.add(f"{where}.token_sha256", "must be 64 hex digits",
-                     hint="create clients with `qwen-appliance token create NAME`")
+            errs.add(
+                f"{where}.name",
+                f"invalid client name {values['name']!r}",
+                hint="letters, digits, '.', '_' and '-', at most 64",
+            )
+        if (
+            values["token_sha256"] is not _INVALID
+            and isinstance(values["token_sha256"], str)
+            and not _HEX64.fullmatch(values["token_sha256"].lower())
+        ):
+            errs.add(
+                f"{where}.token_sha256",
+                "must be 64 hex digits",
+                hint="create clients with `qwen-appliance token create NAME`",
+            )
         if {str(values["name"]), str(values["token_sha256"]).lower()} & seen:
-            errs.add(where, "duplicate client name or token",
-                     hint="every client needs its own name and token")
+            errs.add(
+                where, "duplicate client name or token", hint="every client needs its own name and token"
+            )
         seen |= {str(values["name"]), str(values["token_sha256"]).lower()}
         if _INVALID not in values.values() and REQUIRED not in values.values():
             values["token_sha256"] = values["token_sha256"].lower()
@@ -249,18 +288,27 @@ def _cross_check(errs: Problems, policy: Policy) -> None:
     """Rules that involve several keys at once."""
     srv, lim = policy.server, policy.limits
     if srv.client_cert != "off" and srv.client_ca is None:
-        errs.add("server.client_ca", f"missing while client_cert is {srv.client_cert!r}",
-                 hint="point it at the CA that signs client certificates")
+        errs.add(
+            "server.client_ca",
+            f"missing while client_cert is {srv.client_cert!r}",
+            hint="point it at the CA that signs client certificates",
+        )
     if lim.max_image_bytes > lim.max_body_bytes:
-        errs.add("limits.max_image_bytes", "larger than limits.max_body_bytes",
-                 hint="an image arrives inside the body; lower it")
+        errs.add(
+            "limits.max_image_bytes",
+            "larger than limits.max_body_bytes",
+            hint="an image arrives inside the body; lower it",
+        )
     for key in ("sha256", "mmproj_sha256"):
         value = getattr(policy.model, key)
         if value is not None and not _HEX64.fullmatch(value.lower()):
             errs.add(f"model.{key}", "must be 64 hex digits", hint="use `sha256sum FILE`")
     if not policy.clients:
-        errs.add("clients", "no client is defined, so nobody could use the appliance",
-                 hint="add one with `qwen-appliance token create NAME --policy FILE`")
+        errs.add(
+            "clients",
+            "no client is defined, so nobody could use the appliance",
+            hint="add one with `qwen-appliance token create NAME --policy FILE`",
+        )
     for n, client in enumerate(policy.clients):
         _check_client(errs, srv, client, f"clients[{n}]")
 
@@ -268,8 +316,14 @@ def _cross_check(errs: Problems, policy: Policy) -> None:
 def _check_client(errs: Problems, srv: ServerPolicy, client: Client, where: str) -> None:
     for net in client.allow or ():
         if not any(net.version == s.version and net.subnet_of(s) for s in srv.allow):  # type: ignore[arg-type]
-            errs.add(f"{where}.allow", f"{net} lies outside [server] allow",
-                     hint="a client range must be inside the network gate's ranges")
+            errs.add(
+                f"{where}.allow",
+                f"{net} lies outside [server] allow",
+                hint="a client range must be inside the network gate's ranges",
+            )
     if (client.cert_cn or client.cert_sha256) and srv.client_cert == "off":
-        errs.add(f"{where}.cert_cn", "binds a certificate, but [server] client_cert is \"off\"",
-                 hint="set client_cert = \"required\" or \"optional\"")
+        errs.add(
+            f"{where}.cert_cn",
+            'binds a certificate, but [server] client_cert is "off"',
+            hint='set client_cert = "required" or "optional"',
+        )

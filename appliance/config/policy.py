@@ -27,8 +27,11 @@ class Section:
     @classmethod
     def with_defaults(cls: type[_S], **values: Any) -> _S:
         """This section with every key not given at its table default (for tests and tools; no validation)."""
-        defaults = {s.key: tuple(s.default) if isinstance(s.default, list) else s.default
-                    for s in settings_in(cls.SECTION) if s.default is not REQUIRED}
+        defaults = {
+            s.key: tuple(s.default) if isinstance(s.default, list) else s.default
+            for s in settings_in(cls.SECTION)
+            if s.default is not REQUIRED
+        }
         return cls(**{**defaults, **values})
 
 

@@ -44,6 +44,8 @@ def _s(section: str, key: str, kind: str, default: Any, help: str, *, example: s
     return Setting(section, key, kind, default, help, example, **kw)
 
 
+# A table: one key a row reads better than one value a line.
+# fmt: off
 SETTINGS: tuple[Setting, ...] = (
     # [server]
     _s("server", "listen", "listen", "127.0.0.1:8443",
@@ -242,6 +244,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("clients", "disabled", "bool", False,
        "Switch a client off without deleting it; its token then gets 401.", example="false"),
 )
+# fmt: on
 
 SECTIONS = ("server", "model", "limits", "audit", "health", "clients")
 
@@ -263,8 +266,9 @@ def describe() -> str:
     """Human-readable table of every key, for `qwen-appliance settings`."""
     lines = []
     for s in SETTINGS:
-        lines.append(f"{s.dotted:<26} {s.kind:<9} default {_default(s)}\n    {s.help}\n"
-                     f"    e.g. {s.example_line}")
+        lines.append(
+            f"{s.dotted:<26} {s.kind:<9} default {_default(s)}\n    {s.help}\n    e.g. {s.example_line}"
+        )
     return "\n".join(lines)
 
 
@@ -281,18 +285,35 @@ def restart_note() -> str:
         if all(s.restart == "change" for s in keys):
             parts.append(f"anything in `[{section}]`")
             continue
-        parts += [f"{'raising ' if s.restart == 'raise' else ''}`[{section}] {s.key}`"
-                  for s in keys if s.restart != "no"]
+        parts += [
+            f"{'raising ' if s.restart == 'raise' else ''}`[{section}] {s.key}`"
+            for s in keys
+            if s.restart != "no"
+        ]
     listed = ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
-    return textwrap.fill(f"Changes that need a restart (the daemon logs a warning on reload): {listed}. "
-                         "Everything else applies to the next request; requests already running finish under "
-                         "the policy they started with.", width=110)
+    return textwrap.fill(
+        f"Changes that need a restart (the daemon logs a warning on reload): {listed}. "
+        "Everything else applies to the next request; requests already running finish under "
+        "the policy they started with.",
+        width=110,
+    )
 
 
-_KIND_NAMES = {"str": "string", "int": "integer", "bool": "boolean", "path": "path",
-               "list[str]": "list of strings", "choice": "string", "listen": "HOST:PORT",
-               "cidrs": "list of CIDR ranges", "hex": "SHA-256 hex", "hexlist": "list of SHA-256 hex",
-               "date": "TOML date", "rate": "N/unit", "floats": "list of numbers"}
+_KIND_NAMES = {
+    "str": "string",
+    "int": "integer",
+    "bool": "boolean",
+    "path": "path",
+    "list[str]": "list of strings",
+    "choice": "string",
+    "listen": "HOST:PORT",
+    "cidrs": "list of CIDR ranges",
+    "hex": "SHA-256 hex",
+    "hexlist": "list of SHA-256 hex",
+    "date": "TOML date",
+    "rate": "N/unit",
+    "floats": "list of numbers",
+}
 
 
 def markdown() -> str:
@@ -300,12 +321,14 @@ def markdown() -> str:
     out = [DOC_HEADER.format(restart=restart_note())]
     for section in SECTIONS:
         title = "[[clients]]" if section == "clients" else f"[{section}]"
-        out += [f"\n## `{title}`\n", "| key | type | default | example | what it protects |",
-                "| --- | --- | --- | --- | --- |"]
+        out += [
+            f"\n## `{title}`\n",
+            "| key | type | default | example | what it protects |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for s in settings_in(section):
             kind = _KIND_NAMES[s.kind] + (f" ({' / '.join(s.choices)})" if s.choices else "")
-            out.append(f"| `{s.key}` | {kind} | `{_default(s)}` | `{s.example_line}` | "
-                       f"{s.help} |")
+            out.append(f"| `{s.key}` | {kind} | `{_default(s)}` | `{s.example_line}` | {s.help} |")
     return "\n".join(out) + "\n"
 
 

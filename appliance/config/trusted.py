@@ -32,13 +32,19 @@ def read_stable(path: Path, tries: int = 5) -> bytes:
             before = os.fstat(f.fileno())
             raw = f.read()
             after = os.fstat(f.fileno())
-        if file_signature(before) == file_signature(after) == file_signature(os.stat(path)) \
-                and len(raw) == after.st_size:
+        if (
+            file_signature(before) == file_signature(after) == file_signature(os.stat(path))
+            and len(raw) == after.st_size
+        ):
             return raw
         time.sleep(0.05)
-    raise ConfigError(path, None, "the file kept changing while it was read",
-                      hint="write policy files atomically: a new file in the same folder, then `mv` it "
-                           "over the policy (`qwen-appliance token` and `cert revoke` do this)")
+    raise ConfigError(
+        path,
+        None,
+        "the file kept changing while it was read",
+        hint="write policy files atomically: a new file in the same folder, then `mv` it "
+        "over the policy (`qwen-appliance token` and `cert revoke` do this)",
+    )
 
 
 SERVICE_USER = "qwen-appliance"  # the packaged daemon's account (systemd/qwen-appliance.sysusers)
@@ -105,13 +111,25 @@ def _check_chain(errs: Problems, path: Path, key: str | None) -> os.stat_result 
     for entry, st in dict(seen).items():  # each once, in order
         if st.st_uid not in owners:
             what = "symbolic link" if stat.S_ISLNK(st.st_mode) else "folder" if entry != real else "file"
-            errs.add(key, f"{entry}: the {what} on the way to {path} is owned by {_owner_name(st.st_uid)}, "
-                          "not root or the service user", hint=f"chown root {entry} (or move {path})")
-        elif stat.S_ISDIR(st.st_mode) and entry != real and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) \
-                and (not st.st_mode & stat.S_ISVTX or entry == real.parent):
-            errs.add(key, f"{entry}: folder writable by group or others (mode {stat.S_IMODE(st.st_mode):o}), "
-                          f"so they could replace {path}", hint=f"chmod go-w {entry}, or move {path} "
-                          "to a folder only root and the service user can write")
+            errs.add(
+                key,
+                f"{entry}: the {what} on the way to {path} is owned by {_owner_name(st.st_uid)}, "
+                "not root or the service user",
+                hint=f"chown root {entry} (or move {path})",
+            )
+        elif (
+            stat.S_ISDIR(st.st_mode)
+            and entry != real
+            and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            and (not st.st_mode & stat.S_ISVTX or entry == real.parent)
+        ):
+            errs.add(
+                key,
+                f"{entry}: folder writable by group or others (mode {stat.S_IMODE(st.st_mode):o}), "
+                f"so they could replace {path}",
+                hint=f"chmod go-w {entry}, or move {path} "
+                "to a folder only root and the service user can write",
+            )
     return seen[-1][1]
 
 
@@ -122,9 +140,13 @@ def check_file_modes(policy: Policy) -> None:
     """
     errs = Problems(policy.file)
     srv = policy.server
-    for path, key in ((policy.file, None), (srv.tls_cert, "server.tls_cert"),
-                      (srv.client_ca, "server.client_ca"), (srv.tls_key, "server.tls_key"),
-                      (policy.audit.hmac_key_file, "audit.hmac_key_file")):
+    for path, key in (
+        (policy.file, None),
+        (srv.tls_cert, "server.tls_cert"),
+        (srv.client_ca, "server.client_ca"),
+        (srv.tls_key, "server.tls_key"),
+        (policy.audit.hmac_key_file, "audit.hmac_key_file"),
+    ):
         if path is None:
             continue
         st = _check_chain(errs, path, key)
@@ -135,9 +157,15 @@ def check_file_modes(policy: Policy) -> None:
             continue
         mode = st.st_mode
         if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            errs.add(key, f"{path} is writable by group or others (mode {stat.S_IMODE(mode):o})",
-                     hint=f"chmod go-w {path}")
+            errs.add(
+                key,
+                f"{path} is writable by group or others (mode {stat.S_IMODE(mode):o})",
+                hint=f"chmod go-w {path}",
+            )
         if key in ("server.tls_key", "audit.hmac_key_file") and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            errs.add(key, f"{path}: secret key is accessible by group or others "
-                     f"(mode {stat.S_IMODE(mode):o})", hint=f"chmod 600 {path}")
+            errs.add(
+                key,
+                f"{path}: secret key is accessible by group or others (mode {stat.S_IMODE(mode):o})",
+                hint=f"chmod 600 {path}",
+            )
     errs.raise_if_any()

@@ -75,8 +75,10 @@ def _mlock_all() -> str:
 
 def _memlock_hint(soft: int) -> str:
     limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
-    return (f"RLIMIT_MEMLOCK {limit}, and the model's pages count too; "
-            "under systemd set LimitMEMLOCK=infinity and make sure RAM holds the model")
+    return (
+        f"RLIMIT_MEMLOCK {limit}, and the model's pages count too; "
+        "under systemd set LimitMEMLOCK=infinity and make sure RAM holds the model"
+    )
 
 
 def _has_cap_ipc_lock() -> bool:

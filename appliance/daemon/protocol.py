@@ -38,8 +38,11 @@ class _Refused(Exception):
 
 
 def _upgrade() -> _Refused:
-    return _Refused(BadRequest("protocol upgrades (WebSocket, h2c, CONNECT) are not served here"),
-                    "protocol upgrade requested (Upgrade header or CONNECT)", "upgrade")
+    return _Refused(
+        BadRequest("protocol upgrades (WebSocket, h2c, CONNECT) are not served here"),
+        "protocol upgrade requested (Upgrade header or CONNECT)",
+        "upgrade",
+    )
 
 
 class CertAwareProtocol(HttpToolsProtocol):
@@ -66,9 +69,11 @@ class CertAwareProtocol(HttpToolsProtocol):
         if ssl_object is None:
             return
         der = ssl_object.getpeercert(binary_form=True)
-        self._tls = {"client_cert": peer_cert(der).as_scope() if der else None,
-                     "tls_version": ssl_object.version(),
-                     "cipher_suite": (ssl_object.cipher() or ("",))[0]}
+        self._tls = {
+            "client_cert": peer_cert(der).as_scope() if der else None,
+            "tls_version": ssl_object.version(),
+            "cipher_suite": (ssl_object.cipher() or ("",))[0],
+        }
 
     def _arm(self, seconds: float, what: str) -> None:
         self._disarm()
@@ -80,17 +85,22 @@ class CertAwareProtocol(HttpToolsProtocol):
             self._deadline = None
 
     def _expire(self, seconds: float, what: str) -> None:
-        log.warning("closing the connection from %s: %s not received within %.0f s", self.client,
-                    what, seconds)
+        log.warning(
+            "closing the connection from %s: %s not received within %.0f s", self.client, what, seconds
+        )
         self._deadline = None
         self.transport.abort()
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._stop(_Refused(HeaderFieldsTooLarge(f"request line and headers are over {MAX_HEAD_BYTES} "
-                                                     "bytes"),
-                                f"request line and headers over {MAX_HEAD_BYTES} bytes", "headers_too_large"))
+            self._stop(
+                _Refused(
+                    HeaderFieldsTooLarge(f"request line and headers are over {MAX_HEAD_BYTES} bytes"),
+                    f"request line and headers over {MAX_HEAD_BYTES} bytes",
+                    "headers_too_large",
+                )
+            )
 
     def _stop(self, refusal: _Refused) -> None:
         """From a parser callback: remember why, and make httptools stop with a parse error."""
@@ -115,8 +125,10 @@ class CertAwareProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """Nothing in uvicorn answers unaudited: its 400 goes the same way as ours."""
-        self._refuse(self._refusal or _Refused(BadRequest("the request could not be parsed"),
-                                               "malformed HTTP request", "malformed"))
+        self._refuse(
+            self._refusal
+            or _Refused(BadRequest("the request could not be parsed"), "malformed HTTP request", "malformed")
+        )
 
     def _refuse(self, refusal: _Refused) -> None:
         if self._refusing:
@@ -132,8 +144,15 @@ class CertAwareProtocol(HttpToolsProtocol):
         if not idle:  # pipelined behind a running request: that one finishes, then the connection closes
             self.cycle.keep_alive = False
         ip = self.client[0] if self.client else "unknown"
-        self.listener.refuse(self.transport, ip, refusal.exc, refusal.reason, refusal.label,
-                             cert.get("cert_sha256") if cert else None, answer=idle)
+        self.listener.refuse(
+            self.transport,
+            ip,
+            refusal.exc,
+            refusal.reason,
+            refusal.label,
+            cert.get("cert_sha256") if cert else None,
+            answer=idle,
+        )
 
     def shutdown(self) -> None:
         """Drop idle keep-alive connections at once; a TLS close would wait up to 30 s for the peer."""
@@ -163,8 +182,15 @@ class CertAwareProtocol(HttpToolsProtocol):
             self._stop(_upgrade())  # WebSockets are off: nothing may go around the gate
         stale = self._stale()
         if stale is not None:
-            self._stop(_Refused(Forbidden("this connection was set up under TLS settings that have since "
-                                          "changed; connect again"), stale, "stale_tls"))
+            self._stop(
+                _Refused(
+                    Forbidden(
+                        "this connection was set up under TLS settings that have since changed; connect again"
+                    ),
+                    stale,
+                    "stale_tls",
+                )
+            )
         self._body_bytes = 0
         self._arm(BODY_TIMEOUT_S, "request body")
         super().on_headers_complete()
@@ -190,5 +216,6 @@ class CertAwareProtocol(HttpToolsProtocol):
 def _malformed(exc: Exception) -> _Refused:
     """httptools' reason is one of llhttp's fixed messages, never the request's bytes."""
     why = str(exc)[:120] if not isinstance(exc, httptools.HttpParserCallbackError) else "parser callback"
-    return _Refused(BadRequest("the request is not valid HTTP/1.1"), f"malformed HTTP request ({why})",
-                    "malformed")
+    return _Refused(
+        BadRequest("the request is not valid HTTP/1.1"), f"malformed HTTP request ({why})", "malformed"
+    )

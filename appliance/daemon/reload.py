@@ -51,8 +51,14 @@ def _digest(path: Path | None) -> str | None:
 class PolicyReloader:
     """Owns the live policy; `apply` receives every accepted policy (runtime, queue, limits)."""
 
-    def __init__(self, policy: Policy, tls: ServerTLS, apply: Callable[[Policy], None],
-                 audit: AuditLog | None = None, on_outcome: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        tls: ServerTLS,
+        apply: Callable[[Policy], None],
+        audit: AuditLog | None = None,
+        on_outcome: Callable[[str], None] | None = None,
+    ) -> None:
         self.policy = policy
         self.audit = audit
         self.on_outcome = on_outcome
@@ -77,8 +83,11 @@ class PolicyReloader:
         old = self.policy
         if self._writers is not None and self._writers.busy():
             self._pending = reason
-            log.warning("policy reload (%s) deferred: %s is open for writing; it is read once its "
-                        "writer closes it", reason, old.file)
+            log.warning(
+                "policy reload (%s) deferred: %s is open for writing; it is read once its writer closes it",
+                reason,
+                old.file,
+            )
             return False
         self._pending = None
         self._file_sig = _signature(old.file)
@@ -89,8 +98,7 @@ class PolicyReloader:
             self._reload_tls(new)
         except ConfigError as exc:
             self.rejected += 1
-            log.error("policy reload (%s) REJECTED, still enforcing %s: %s", reason,
-                      old.digest[:16], exc)
+            log.error("policy reload (%s) REJECTED, still enforcing %s: %s", reason, old.digest[:16], exc)
             keys = sorted({e.key or "-" for e in getattr(exc, "errors", [exc])})
             self._record("rejected", reason, old.digest, _digest(old.file), ", ".join(keys))
             return False
@@ -99,21 +107,33 @@ class PolicyReloader:
         self.apply(new)
         self.accepted += 1
         self._record("accepted", reason, old.digest, new.digest, None)
-        log.info("policy reload (%s) accepted: %s -> %s, %d clients", reason, old.digest[:16],
-                 new.digest[:16], len(new.clients))
+        log.info(
+            "policy reload (%s) accepted: %s -> %s, %d clients",
+            reason,
+            old.digest[:16],
+            new.digest[:16],
+            len(new.clients),
+        )
         return True
 
     def _record(self, outcome: str, trigger: str, old: str, new: str | None, keys: str | None) -> None:
         """Audit (and count) every reload; a failure here is logged, the reload decision stands."""
         if self.on_outcome is not None:
             self.on_outcome(outcome)
-        self._publish({"outcome": outcome, "reason": trigger, "file_sha256": new, "keys": keys,
-                       "at": time.time()})
+        self._publish(
+            {"outcome": outcome, "reason": trigger, "file_sha256": new, "keys": keys, "at": time.time()}
+        )
         if self.audit is None:
             return
         try:
-            self.audit.write("policy.reload", outcome=outcome, reason=trigger, old_policy_sha256=old,
-                             new_policy_sha256=new, rejected_keys=keys)
+            self.audit.write(
+                "policy.reload",
+                outcome=outcome,
+                reason=trigger,
+                old_policy_sha256=old,
+                new_policy_sha256=new,
+                rejected_keys=keys,
+            )
         except AuditUnavailable as exc:
             log.error("policy reload could not be audited: %s", exc)
 
@@ -121,12 +141,15 @@ class PolicyReloader:
         """A whole new context from the new policy, swapped in for new handshakes; on any error the old
         one stays fully in force (adding to the live one could never drop a CA)."""
         from appliance.daemon.connections import check_fd_budget
+
         check_fd_budget(new.server, str(new.file))
         self.tls.replace(new.server, str(new.file))
         digests = self._tls_files(new)
         if digests != self._tls_digests or new.server.client_cert != self.policy.server.client_cert:
-            log.info("TLS settings reloaded (certificate, key, client CA or client_cert mode changed); "
-                     "new handshakes use them, older connections are held to them request by request")
+            log.info(
+                "TLS settings reloaded (certificate, key, client CA or client_cert mode changed); "
+                "new handshakes use them, older connections are held to them request by request"
+            )
         self._tls_digests = digests
 
     @staticmethod
@@ -149,8 +172,12 @@ class PolicyReloader:
         try:
             return livepolicy.WriteWatch(sorted({file.absolute(), Path(os.path.realpath(file))}))
         except OSError as exc:
-            log.warning("inotify unavailable (%s): a changed policy is reloaded once unchanged for "
-                        "%.0f s; write it atomically", exc, FALLBACK_SETTLE_POLLS * POLL_S)
+            log.warning(
+                "inotify unavailable (%s): a changed policy is reloaded once unchanged for "
+                "%.0f s; write it atomically",
+                exc,
+                FALLBACK_SETTLE_POLLS * POLL_S,
+            )
             return None
 
     async def watch(self, interval: float = POLL_S, inotify: bool = True) -> None:
@@ -171,8 +198,9 @@ class PolicyReloader:
                     try:
                         self._poll_due(sig)
                     except Exception:  # the watcher must outlive any one bad reload
-                        log.exception("policy reload failed unexpectedly; still enforcing %s",
-                                      self.policy.digest[:16])
+                        log.exception(
+                            "policy reload failed unexpectedly; still enforcing %s", self.policy.digest[:16]
+                        )
                         self._file_sig = sig
         finally:
             if self._writers is not None:

@@ -19,8 +19,10 @@ log = logging.getLogger("appliance.daemon.sdnotify")
 
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
 _LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-_UNIT_HINT = ("check qwen-appliance.socket (`systemctl cat qwen-appliance.socket`): one ListenStream= per "
-              "address, Accept=no; or unset LISTEN_FDS/LISTEN_PID when starting by hand")
+_UNIT_HINT = (
+    "check qwen-appliance.socket (`systemctl cat qwen-appliance.socket`): one ListenStream= per "
+    "address, Accept=no; or unset LISTEN_FDS/LISTEN_PID when starting by hand"
+)
 
 
 class ListenFdsError(SetupError):
@@ -119,11 +121,15 @@ def _adopt(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise ListenFdsError(f"fd {fd} from systemd is not a socket: {exc.strerror}",
-                             hint=_UNIT_HINT) from None
+        raise ListenFdsError(
+            f"fd {fd} from systemd is not a socket: {exc.strerror}", hint=_UNIT_HINT
+        ) from None
     if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.detach()
-        raise ListenFdsError(f"fd {fd} from systemd is not a listening stream socket "
-                             "(the .socket unit needs ListenStream= and Accept=no)", hint=_UNIT_HINT)
+        raise ListenFdsError(
+            f"fd {fd} from systemd is not a listening stream socket "
+            "(the .socket unit needs ListenStream= and Accept=no)",
+            hint=_UNIT_HINT,
+        )
     sock.set_inheritable(False)  # like sd_listen_fds(): FD_CLOEXEC on every passed fd
     return sock

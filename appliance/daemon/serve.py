@@ -31,7 +31,8 @@ from appliance.daemon.protocol import CertAwareProtocol
 from appliance.daemon.reload import PolicyReloader
 from appliance.engine.batch import Engine
 from appliance.engine.gpu import GpuMonitor
-from appliance.engine.scheduler import Job, Scheduler
+from appliance.engine.job import Job
+from appliance.engine.scheduler import Scheduler
 from appliance.engine.types import Completion
 from appliance.errors import ApplianceError, ModelLoadError, SetupError
 from appliance.web.app import build_app
@@ -45,8 +46,9 @@ TINY_MODEL_MARK = "random weights"
 class ApplianceServer(uvicorn.Server):
     """uvicorn's server plus policy reload (SIGHUP, file change) and draining on shutdown."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, reloader: PolicyReloader,
-                 listener: Listener) -> None:
+    def __init__(
+        self, config: uvicorn.Config, runtime: Runtime, reloader: PolicyReloader, listener: Listener
+    ) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.reloader = reloader
@@ -55,8 +57,11 @@ class ApplianceServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reloader.reload, "SIGHUP")
-        tasks = [loop.create_task(self.reloader.watch()), loop.create_task(self._purge_hourly()),
-                 loop.create_task(sdnotify.watchdog_loop(self.runtime.scheduler.healthy))]
+        tasks = [
+            loop.create_task(self.reloader.watch()),
+            loop.create_task(self._purge_hourly()),
+            loop.create_task(sdnotify.watchdog_loop(self.runtime.scheduler.healthy)),
+        ]
         try:
             await super().serve(sockets)
         finally:
@@ -97,10 +102,21 @@ def uvicorn_config(app: Any, listener: Listener, host: str, port: int) -> uvicor
     """uvicorn without TLS of its own: the listener wraps each connection (see connections.py); no
     WebSockets, whose scopes would go around the gate."""
     return uvicorn.Config(
-        app, host=host, port=port, http=cast(Any, listener), ws="none", loop="auto",
-        proxy_headers=False, server_header=False, access_log=False, log_config=None,
-        lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=15,
-        h11_max_incomplete_event_size=16 * 1024)
+        app,
+        host=host,
+        port=port,
+        http=cast(Any, listener),
+        ws="none",
+        loop="auto",
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_config=None,
+        lifespan="off",
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=15,
+        h11_max_incomplete_event_size=16 * 1024,
+    )
 
 
 def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
@@ -111,15 +127,15 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
     tls = ServerTLS(policy.server)  # fail on TLS problems before the slow model load
     check_fd_budget(policy.server, str(policy.file))
     audit = open_audit(policy)  # and when the audit trail cannot be written
-    audit.write("daemon.start", reason=f"qwen-appliance {__version__}", pid=os.getpid(),
-                policy_sha256=policy.digest)
+    audit.write(
+        "daemon.start", reason=f"qwen-appliance {__version__}", pid=os.getpid(), policy_sha256=policy.digest
+    )
     host, port = listen or (policy.server.host, policy.server.port)
     gpu = GpuMonitor()
     try:
         sockets = sdnotify.listen_fds()  # socket activation: systemd owns the LAN listener
         if sockets:
-            log.info("serving %d socket(s) passed by systemd; [server] listen is not used",
-                     len(sockets))
+            log.info("serving %d socket(s) passed by systemd; [server] listen is not used", len(sockets))
         else:
             sockets = [bind(host, port)]  # take it now: a taken port fails before the model load
         gpu.start(policy.health.gpu_poll_seconds)
@@ -130,13 +146,14 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
         audit.close()
         raise
     metrics = Metrics()
-    trail = Trail(audit, Hmac(load_hmac_key(policy.audit.hmac_key_file)), policy.audit.fail_closed,
-                  metrics)
+    trail = Trail(audit, Hmac(load_hmac_key(policy.audit.hmac_key_file)), policy.audit.fail_closed, metrics)
     scheduler = Scheduler(engine, policy.limits.max_queue, on_done=_observer(metrics))
-    runtime = Runtime(policy=policy, model=engine.info, scheduler=scheduler, trail=trail,
-                      metrics=metrics, gpu=gpu)
-    reloader = PolicyReloader(policy, tls, runtime.apply_policy, audit,
-                              lambda outcome: metrics.reloads.labels(outcome).inc())
+    runtime = Runtime(
+        policy=policy, model=engine.info, scheduler=scheduler, trail=trail, metrics=metrics, gpu=gpu
+    )
+    reloader = PolicyReloader(
+        policy, tls, runtime.apply_policy, audit, lambda outcome: metrics.reloads.labels(outcome).inc()
+    )
     app = build_app(runtime)
     listener = Listener(CertAwareProtocol, tls, lambda: runtime.policy, metrics, app.refusals)
     server = ApplianceServer(uvicorn_config(app, listener, host, port), runtime, reloader, listener)
@@ -146,7 +163,9 @@ def serve(policy_file: Path, listen: tuple[str, int] | None = None) -> int:
         for sock in sockets:
             sock.close()
         scheduler.close()
+        runtime.intake.close()
         engine.close()
+        trail.close()
         gpu.stop()
         audit.write("daemon.stop", reason="shutdown")
         audit.close()
@@ -162,9 +181,10 @@ def open_audit(policy: Policy) -> AuditLog:
         audit.open()
         audit.purge()
     except OSError as exc:
-        raise SetupError(f"{policy.audit.dir}: the audit trail cannot be written ({exc.strerror})",
-                         hint="check [audit] dir exists, is writable by the service user and has "
-                              "free space") from None
+        raise SetupError(
+            f"{policy.audit.dir}: the audit trail cannot be written ({exc.strerror})",
+            hint="check [audit] dir exists, is writable by the service user and has free space",
+        ) from None
     except AuditUnavailable as exc:  # at start-up a record that cannot be written is a set-up problem
         raise SetupError(exc.message, hint=exc.hint) from None
     return audit
@@ -172,12 +192,20 @@ def open_audit(policy: Policy) -> AuditLog:
 
 def _observer(metrics: Metrics) -> Callable[[Job, Completion], None]:
     """Feed finished generations into the metrics (queue wait, time to first token, speed)."""
+
     def observe(job: Job, c: Completion) -> None:
         first = job.first_piece_at
         ttft = first - job.submitted_at if first is not None else None
         decode = time.monotonic() - first if first is not None else 0.0
-        metrics.observe_generation(job.queue_ms / 1000, ttft, decode, c.usage.prompt_tokens,
-                                   c.usage.completion_tokens, c.usage.cached_tokens)
+        metrics.observe_generation(
+            job.queue_ms / 1000,
+            ttft,
+            decode,
+            c.usage.prompt_tokens,
+            c.usage.completion_tokens,
+            c.usage.cached_tokens,
+        )
+
     return observe
 
 
@@ -187,22 +215,38 @@ def load_engine(policy: Policy, audit: AuditLog, gpu: dict[str, Any]) -> Engine:
     info = engine.info
     if policy.model.require_gpu and not (info.gpu_offload_active and gpu.get("available")):
         engine.close()
-        why = ("this llama-cpp-python build has no GPU offload (CPU build)"
-               if not info.gpu_offload_supported else f"no usable GPU: {gpu.get('reason')}"
-               if not gpu.get("available") else "[model] n_gpu_layers = 0")
-        raise ModelLoadError(f"[model] require_gpu = true, but {why}",
-                             hint="build with CMAKE_ARGS=-DGGML_CUDA=on (see README), check the driver "
-                                  "with nvidia-smi, or set require_gpu = false to allow CPU inference")
-    log.info("model %s: %s %s, %d bytes, sha256 %s; GPU offload %s", info.name,
-             info.architecture, info.quantization, info.model_bytes, info.model_sha256,
-             "ACTIVE" if info.gpu_offload_active else "not active (CPU inference)")
+        why = (
+            "this llama-cpp-python build has no GPU offload (CPU build)"
+            if not info.gpu_offload_supported
+            else f"no usable GPU: {gpu.get('reason')}"
+            if not gpu.get("available")
+            else "[model] n_gpu_layers = 0"
+        )
+        raise ModelLoadError(
+            f"[model] require_gpu = true, but {why}",
+            hint="build with CMAKE_ARGS=-DGGML_CUDA=on (see README), check the driver "
+            "with nvidia-smi, or set require_gpu = false to allow CPU inference",
+        )
+    log.info(
+        "model %s: %s %s, %d bytes, sha256 %s; GPU offload %s",
+        info.name,
+        info.architecture,
+        info.quantization,
+        info.model_bytes,
+        info.model_sha256,
+        "ACTIVE" if info.gpu_offload_active else "not active (CPU inference)",
+    )
     if info.mmproj_path:
-        log.info("mmproj %s: %d bytes, sha256 %s", info.mmproj_path, info.mmproj_bytes,
-                 info.mmproj_sha256)
-    audit.write("model.load", model_sha256=info.model_sha256, mmproj_sha256=info.mmproj_sha256,
-                model_bytes=info.model_bytes, mmproj_bytes=info.mmproj_bytes,
-                reason=f"{info.architecture} {info.quantization}; GPU offload "
-                       f"{'active' if info.gpu_offload_active else 'not active'}")
+        log.info("mmproj %s: %d bytes, sha256 %s", info.mmproj_path, info.mmproj_bytes, info.mmproj_sha256)
+    audit.write(
+        "model.load",
+        model_sha256=info.model_sha256,
+        mmproj_sha256=info.mmproj_sha256,
+        model_bytes=info.model_bytes,
+        mmproj_bytes=info.mmproj_bytes,
+        reason=f"{info.architecture} {info.quantization}; GPU offload "
+        f"{'active' if info.gpu_offload_active else 'not active'}",
+    )
     _warn_if_tiny(engine)
     return engine
 
@@ -213,18 +257,22 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
-        raise SetupError(f"cannot create a listening socket ({exc.strerror})",
-                         hint="under systemd, start qwen-appliance.socket: the service itself has no "
-                              "network access by design") from None
+        raise SetupError(
+            f"cannot create a listening socket ({exc.strerror})",
+            hint="under systemd, start qwen-appliance.socket: the service itself has no "
+            "network access by design",
+        ) from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise SetupError(f"cannot listen on {host}:{port}: {exc.strerror}",
-                         hint=f"is another program using the port? `ss -ltnp 'sport = :{port}'`; "
-                              "or change [server] listen") from None
+        raise SetupError(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            hint=f"is another program using the port? `ss -ltnp 'sport = :{port}'`; "
+            "or change [server] listen",
+        ) from None
     sock.set_inheritable(False)
     return sock
 
@@ -232,7 +280,9 @@ def bind(host: str, port: int) -> socket.socket:
 def _warn_if_tiny(engine: Engine) -> None:
     if TINY_MODEL_MARK in engine.info.description.lower():
         banner = "!" * 78
-        log.warning("%s\nSERVING THE SMOKE-TEST MODEL: random weights, answers are gibberish.\n"
-                    "Point [model] path and mmproj at a real Qwen3-VL GGUF (see README).\n%s",
-                    banner, banner)
-
+        log.warning(
+            "%s\nSERVING THE SMOKE-TEST MODEL: random weights, answers are gibberish.\n"
+            "Point [model] path and mmproj at a real Qwen3-VL GGUF (see README).\n%s",
+            banner,
+            banner,
+        )

@@ -36,9 +36,15 @@ class Engine:
 
     info: ModelInfo
 
-    def __init__(self, model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p,
-                 mctx: mtmd_cpp.mtmd_context_p | None, template: ChatTemplate, info: ModelInfo,
-                 prompt_cache: bool = True) -> None:
+    def __init__(
+        self,
+        model: llama_cpp.llama_model_p,
+        ctx: llama_cpp.llama_context_p,
+        mctx: mtmd_cpp.mtmd_context_p | None,
+        template: ChatTemplate,
+        info: ModelInfo,
+        prompt_cache: bool = True,
+    ) -> None:
         self._model: llama_cpp.llama_model_p | None = model
         self._ctx: llama_cpp.llama_context_p | None = ctx
         self._mctx = mctx
@@ -76,8 +82,9 @@ class Engine:
     def load(cls, config: ModelPolicy) -> Engine:
         """Check the files, load model and projector, and validate the chat template (see loader)."""
         parts = loader.load(config)
-        return cls(parts.model, parts.ctx, parts.mctx, parts.template, parts.info,
-                   prompt_cache=config.prompt_cache)
+        return cls(
+            parts.model, parts.ctx, parts.mctx, parts.template, parts.info, prompt_cache=config.prompt_cache
+        )
 
     # admit --------------------------------------------------------------------------------------
 
@@ -99,9 +106,15 @@ class Engine:
                 self._preparing -= 1
                 self._prepare_lock.notify_all()
 
-    def admit(self, messages: Sequence[Message], params: SamplingParams,
-              cancelled: Callable[[], bool], on_piece: Callable[[str], None],
-              owner: str = "", prepared: Prompt | None = None) -> Generation:
+    def admit(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        on_piece: Callable[[str], None],
+        owner: str = "",
+        prepared: Prompt | None = None,
+    ) -> Generation:
         """Place a request in the free slot holding the longest reusable prefix.
 
         `prepared` is what `prepare` returned for these messages (the engine takes it over); without it
@@ -180,8 +193,15 @@ class Engine:
         assert item is not None and self._mctx is not None
         new_past = llama_cpp.llama_pos(0)
         rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
-            self._mctx, self._ctx, item.chunk, seq.n_past, seq.slot.seq_id, self._n_batch, False,
-            ctypes.byref(new_past))
+            self._mctx,
+            self._ctx,
+            item.chunk,
+            seq.n_past,
+            seq.slot.seq_id,
+            self._n_batch,
+            False,
+            ctypes.byref(new_past),
+        )
         if rc != 0:
             self._fail(seq, RuntimeError(f"evaluating an image failed (mtmd error {rc})"))
             return

@@ -32,15 +32,21 @@ _REASONS = {
     NVML_ERROR_LIBRARY_NOT_FOUND: "NVML library not found (no NVIDIA driver installed)",
     NVML_ERROR_DRIVER_NOT_LOADED: "NVIDIA driver not loaded (is the nvidia kernel module installed?)",
     NVML_ERROR_NO_PERMISSION: "no permission to open the NVIDIA devices (check /dev/nvidia* and the "
-                              "unit's DeviceAllow=)",
+    "unit's DeviceAllow=)",
     NVML_ERROR_GPU_IS_LOST: "the GPU has fallen off the bus (GPU is lost); the host needs attention",
 }
 
 # nvmlClocksEventReason* bits (formerly "throttle reasons").
 THROTTLE_REASONS = (
-    (0x1, "gpu_idle"), (0x2, "applications_clocks_setting"), (0x4, "sw_power_cap"),
-    (0x8, "hw_slowdown"), (0x10, "sync_boost"), (0x20, "sw_thermal_slowdown"),
-    (0x40, "hw_thermal_slowdown"), (0x80, "hw_power_brake_slowdown"), (0x100, "display_clock_setting"),
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
 )
 
 Snapshot = dict[str, Any]
@@ -94,8 +100,13 @@ class _Reader:
         self.errors: dict[str, str] = {}
         self.lost = False
 
-    def get(self, field: str, names: str | tuple[str, ...], *args: Any,
-            convert: Callable[[Any], Any] = lambda v: v) -> Any:
+    def get(
+        self,
+        field: str,
+        names: str | tuple[str, ...],
+        *args: Any,
+        convert: Callable[[Any], Any] = lambda v: v,
+    ) -> Any:
         """The first of `names` this library and driver provide, called with args, then converted."""
         for name in (names,) if isinstance(names, str) else names:
             fn = getattr(self.nvml, name, None)
@@ -133,8 +144,7 @@ def read_device(nvml: Any, index: int) -> dict[str, Any]:
     if h is None:
         return {"index": index, "gpu_lost": r.lost, "errors": r.errors}
     mem = r.get("memory", "nvmlDeviceGetMemoryInfo", h, convert=lambda m: (int(m.used), int(m.total)))
-    rows = r.get("remapped_rows", "nvmlDeviceGetRemappedRows", h,
-                 convert=lambda t: (bool(t[2]), bool(t[3])))
+    rows = r.get("remapped_rows", "nvmlDeviceGetRemappedRows", h, convert=lambda t: (bool(t[2]), bool(t[3])))
     ecc = "nvmlDeviceGetTotalEccErrors"
     device: dict[str, Any] = {
         "index": index,
@@ -142,24 +152,43 @@ def read_device(nvml: Any, index: int) -> dict[str, Any]:
         "uuid": r.get("uuid", "nvmlDeviceGetUUID", h, convert=_text),
         "memory_used_mb": mem[0] // MIB if mem else None,
         "memory_total_mb": mem[1] // MIB if mem else None,
-        "utilization_gpu_pct": r.get("utilization_gpu_pct", "nvmlDeviceGetUtilizationRates", h,
-                                     convert=lambda u: int(u.gpu)),
-        "temperature_c": r.get("temperature_c", "nvmlDeviceGetTemperature", h, NVML_TEMPERATURE_GPU,
-                               convert=int),
-        "temperature_slowdown_c": r.get("temperature_slowdown_c", "nvmlDeviceGetTemperatureThreshold", h,
-                                        NVML_TEMPERATURE_THRESHOLD_SLOWDOWN, convert=int),
+        "utilization_gpu_pct": r.get(
+            "utilization_gpu_pct", "nvmlDeviceGetUtilizationRates", h, convert=lambda u: int(u.gpu)
+        ),
+        "temperature_c": r.get(
+            "temperature_c", "nvmlDeviceGetTemperature", h, NVML_TEMPERATURE_GPU, convert=int
+        ),
+        "temperature_slowdown_c": r.get(
+            "temperature_slowdown_c",
+            "nvmlDeviceGetTemperatureThreshold",
+            h,
+            NVML_TEMPERATURE_THRESHOLD_SLOWDOWN,
+            convert=int,
+        ),
         "power_w": r.get("power_w", "nvmlDeviceGetPowerUsage", h, convert=lambda mw: round(mw / 1000, 1)),
-        "power_limit_w": r.get("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit", h,
-                               convert=lambda mw: round(mw / 1000, 1)),
+        "power_limit_w": r.get(
+            "power_limit_w", "nvmlDeviceGetEnforcedPowerLimit", h, convert=lambda mw: round(mw / 1000, 1)
+        ),
         "clocks_throttle_reasons": r.get(
-            "clocks_throttle_reasons", ("nvmlDeviceGetCurrentClocksEventReasons",
-                                        "nvmlDeviceGetCurrentClocksThrottleReasons"), h, convert=_reasons),
-        "ecc_uncorrected_volatile": r.get("ecc_uncorrected_volatile", ecc, h,
-                                          NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC, convert=int),
-        "ecc_corrected_volatile": r.get("ecc_corrected_volatile", ecc, h,
-                                        NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_VOLATILE_ECC, convert=int),
-        "retired_pages_pending": r.get("retired_pages_pending", "nvmlDeviceGetRetiredPagesPendingStatus", h,
-                                       convert=bool),
+            "clocks_throttle_reasons",
+            ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
+            h,
+            convert=_reasons,
+        ),
+        "ecc_uncorrected_volatile": r.get(
+            "ecc_uncorrected_volatile",
+            ecc,
+            h,
+            NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+            NVML_VOLATILE_ECC,
+            convert=int,
+        ),
+        "ecc_corrected_volatile": r.get(
+            "ecc_corrected_volatile", ecc, h, NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_VOLATILE_ECC, convert=int
+        ),
+        "retired_pages_pending": r.get(
+            "retired_pages_pending", "nvmlDeviceGetRetiredPagesPendingStatus", h, convert=bool
+        ),
         "remapped_rows_pending": rows[0] if rows else None,
         "remapped_rows_failure": rows[1] if rows else None,
     }
@@ -184,8 +213,7 @@ class GpuMonitor:
             return
         self.poll_once()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(interval_s,), name="gpu-monitor",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), name="gpu-monitor", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -237,11 +265,13 @@ class GpuMonitor:
         if count == 0:
             return _unavailable("no NVIDIA GPU found (the driver is loaded but reports 0 devices)")
         r = _Reader(n)
-        return {"available": True,
-                "driver_version": r.get("driver_version", "nvmlSystemGetDriverVersion", convert=_text),
-                "cuda_version": r.get("cuda_version", "nvmlSystemGetCudaDriverVersion", convert=_cuda),
-                "devices": [read_device(n, i) for i in range(count)],
-                "polled_at": _now()}
+        return {
+            "available": True,
+            "driver_version": r.get("driver_version", "nvmlSystemGetDriverVersion", convert=_text),
+            "cuda_version": r.get("cuda_version", "nvmlSystemGetCudaDriverVersion", convert=_cuda),
+            "devices": [read_device(n, i) for i in range(count)],
+            "polled_at": _now(),
+        }
 
     def _reason(self, exc: Exception) -> str:
         code = getattr(exc, "value", None)
@@ -266,14 +296,20 @@ class GpuMonitor:
             return
         if new["available"]:
             names = ", ".join(str(d.get("name")) for d in new["devices"])
-            log.info("GPU: %d device(s): %s; driver %s, CUDA %s", len(new["devices"]), names,
-                     new["driver_version"], new["cuda_version"])
+            log.info(
+                "GPU: %d device(s): %s; driver %s, CUDA %s",
+                len(new["devices"]),
+                names,
+                new["driver_version"],
+                new["cuda_version"],
+            )
         else:
             log.warning("GPU unavailable: %s", new["reason"])
 
 
-def critical_reasons(snapshot: Snapshot, max_temp_c: int | None, fail_on_ecc_uncorrected: bool,
-                     *, require_gpu: bool = False) -> list[str]:
+def critical_reasons(
+    snapshot: Snapshot, max_temp_c: int | None, fail_on_ecc_uncorrected: bool, *, require_gpu: bool = False
+) -> list[str]:
     """Why the appliance should report not-ready because of its GPU; [] when healthy (or no GPU is fine)."""
     if not snapshot.get("available"):
         return [f"no usable GPU: {snapshot.get('reason')}"] if require_gpu else []
@@ -294,8 +330,10 @@ def _memory_reasons(label: str, d: dict[str, Any]) -> list[str]:
     """Uncorrected ECC errors and pending retirements mean answers may be silently corrupt."""
     out = []
     if d.get("ecc_uncorrected_volatile"):
-        out.append(f"{label}: {d['ecc_uncorrected_volatile']} uncorrected ECC memory errors since the "
-                   "driver loaded; reset the GPU")
+        out.append(
+            f"{label}: {d['ecc_uncorrected_volatile']} uncorrected ECC memory errors since the "
+            "driver loaded; reset the GPU"
+        )
     if d.get("retired_pages_pending"):
         out.append(f"{label}: memory pages are waiting to be retired; reset the GPU")
     if d.get("remapped_rows_pending"):

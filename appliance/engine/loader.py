@@ -20,9 +20,9 @@ from llama_cpp import mtmd_cpp
 
 from appliance.config.policy import ModelPolicy
 from appliance.engine.native_log import capture_native_errors, install_native_logging
-from appliance.engine.prompt import MtmdPrompt
-from appliance.engine.template import MEDIA_MARKER, ChatTemplate, Segment
-from appliance.engine.types import FTYPE_NAMES, ModelInfo, RGBImage
+from appliance.engine.prompt import image_tokens
+from appliance.engine.template import MEDIA_MARKER, ChatTemplate
+from appliance.engine.types import FTYPE_NAMES, ModelInfo
 from appliance.errors import BadRequest, ModelLoadError
 from appliance.files import sha256_file
 
@@ -30,8 +30,11 @@ MAX_AUTO_THREADS = 4  # more threads rarely help decode speed, and they starve t
 N_BATCH = 512  # prompt tokens per decode: also the most another client waits between its tokens
 _FTYPE_GUESSED = 1024
 _MEDIA_MARKER_C = MEDIA_MARKER.encode()  # mtmd keeps the pointer; keep the bytes alive
-_SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
-                "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+_SPLIT_MODES = {
+    "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+}
 _BACKEND = {"ready": False}
 _KEEP_ALIVE: list[object] = []  # ctypes arrays the model params point at (tensor_split)
 _PROBE_SIDE = 448  # a multiple of every Qwen-VL patch x merge size (28, 32): not resized by libmtmd
@@ -68,6 +71,7 @@ def load(config: ModelPolicy) -> Loaded:
         if config.mmproj is not None:
             mctx = _open_mtmd(config, model, threads, use_gpu=active)
         meta = functools.partial(_meta, model)
+        max_pixels, token_pixels = _image_pixels(config, model, mctx)
         info = ModelInfo(
             name=config.name or meta("general.name") or config.path.stem,
             architecture=meta("general.architecture") or "unknown",
@@ -88,7 +92,9 @@ def load(config: ModelPolicy) -> Loaded:
             description=meta("general.description") or "",
             parallel=int(llama_cpp.llama_n_seq_max(ctx)),
             max_token_bytes=_longest_token_bytes(model),
-            image_max_pixels=_image_max_pixels(config, model, mctx),
+            image_max_pixels=max_pixels,
+            image_token_pixels=token_pixels,
+            image_min_tokens=config.image_min_tokens,
         )
     except BaseException:
         if mctx is not None:
@@ -133,7 +139,8 @@ def _check_pin(path: Path, actual: str, expected: str | None, key: str) -> None:
     if expected is not None and actual != expected.lower():
         raise ModelLoadError(
             f"{path}: SHA-256 is {actual}, but [model] {key} pins {expected.lower()}",
-            hint="copy the exact file the policy was written for, or update the pin")
+            hint="copy the exact file the policy was written for, or update the pin",
+        )
 
 
 def describe_build() -> dict[str, object]:
@@ -206,18 +213,21 @@ def _open_model(config: ModelPolicy) -> llama_cpp.llama_model_p:
         split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*config.tensor_split)
         _KEEP_ALIVE.append(split)
         params.tensor_split = split
-    params.load_mode = (llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK if config.use_mlock
-                        else llama_cpp.LLAMA_LOAD_MODE_MMAP)
+    params.load_mode = (
+        llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK if config.use_mlock else llama_cpp.LLAMA_LOAD_MODE_MMAP
+    )
     with capture_native_errors() as errors:
         model: llama_cpp.llama_model_p | None = llama_cpp.llama_model_load_from_file(
-            str(config.path).encode(), params)
+            str(config.path).encode(), params
+        )
     if model is None:
         raise _load_error(config, errors, "llama_model_load_from_file failed")
     return model
 
 
-def _open_context(config: ModelPolicy, model: llama_cpp.llama_model_p,
-                  threads: int) -> llama_cpp.llama_context_p:
+def _open_context(
+    config: ModelPolicy, model: llama_cpp.llama_model_p, threads: int
+) -> llama_cpp.llama_context_p:
     """A context with `parallel` sequences of n_ctx tokens each, in separate KV streams.
 
     kv_unified = false gives every sequence its own n_ctx (llama.cpp splits the total evenly), so
@@ -236,7 +246,8 @@ def _open_context(config: ModelPolicy, model: llama_cpp.llama_model_p,
         raise ModelLoadError(
             f"llama.cpp could not create a context of {config.parallel} x {config.n_ctx} tokens: "
             + ("; ".join(errors[-3:]) or "llama_init_from_model failed"),
-            hint="lower [model] n_ctx or parallel (the KV cache needs memory for their product)")
+            hint="lower [model] n_ctx or parallel (the KV cache needs memory for their product)",
+        )
     return ctx
 
 
@@ -291,21 +302,27 @@ def _longest_token_bytes(model: llama_cpp.llama_model_p) -> int:
     return longest
 
 
-def _image_max_pixels(config: ModelPolicy, model: llama_cpp.llama_model_p,
-                      mctx: mtmd_cpp.mtmd_context_p | None) -> int:
-    """Pixels that make image_max_tokens tokens in this projector (measured on a probe image), so
-    intake can scale an image down to that before it ever reaches the encoder; 0 when unbounded."""
+def _image_pixels(
+    config: ModelPolicy, model: llama_cpp.llama_model_p, mctx: mtmd_cpp.mtmd_context_p | None
+) -> tuple[int, int]:
+    """(image_max_pixels, image_token_pixels), measured on probe images; 0 where not known.
+
+    image_max_pixels make image_max_tokens tokens, so intake scales an image down to that before the
+    encoder sees it. image_token_pixels is one token's pixels, proven when a probe of half the area
+    makes half the tokens (neither raised to image_min_tokens nor cut to image_max_tokens), so intake
+    may bound an image's tokens from its header before decoding it.
+    """
     if mctx is None or config.image_max_tokens <= 0:
-        return 0
-    side = _PROBE_SIDE
-    probe = RGBImage(side, side, bytes(side * side * 3), 0, "PNG")
+        return 0, 0
     vocab = llama_cpp.llama_model_get_vocab(model)
-    prompt = MtmdPrompt(vocab, mctx, [Segment("image", image=probe), Segment("template", "u")])
-    try:
-        per_token = side * side / max(prompt.n_image_tokens, 1)
-    finally:
-        prompt.close()
-    return int(per_token * config.image_max_tokens)
+    per_token = 0.0
+    for side in (_PROBE_SIDE, 2 * _PROBE_SIDE, 3 * _PROBE_SIDE):
+        n = max(image_tokens(vocab, mctx, side, side), 1)
+        per_token = per_token or side * side / n  # the first probe's, unless a later one is proven
+        half = image_tokens(vocab, mctx, side, side // 2)
+        if half > config.image_min_tokens and n < config.image_max_tokens and 2 * half == n:
+            return int(side * side / n * config.image_max_tokens), side * side // n
+    return int(per_token * config.image_max_tokens), 0
 
 
 def _token_text(vocab: llama_cpp.llama_vocab_p, which: Literal["bos", "eos"]) -> str:

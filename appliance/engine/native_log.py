@@ -79,4 +79,3 @@ def capture_native_errors() -> Iterator[list[str]]:
         yield lines
     finally:
         _LLAMA_LOG.capture = _MTMD_LOG.capture = None
-

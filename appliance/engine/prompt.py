@@ -18,7 +18,7 @@ from llama_cpp import mtmd_cpp
 
 from appliance.engine.template import ChatTemplate, Segment
 from appliance.engine.types import Message, ModelInfo, RGBImage, SamplingParams
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, ContextOverflow
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,14 @@ class MtmdPrompt:
                 continue
             self.n_image_tokens += n
             chunk_id = (mtmd_cpp.mtmd_input_chunk_get_id(chunk) or b"").decode("ascii", "replace")
-            self.items.append(ImageItem(chunk, "img:" + (chunk_id or secrets.token_hex(16)), n,
-                                         mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk)))
+            self.items.append(
+                ImageItem(
+                    chunk,
+                    "img:" + (chunk_id or secrets.token_hex(16)),
+                    n,
+                    mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk),
+                )
+            )
         if not self.items or not isinstance(self.items[-1], int):  # sampling needs final text logits
             raise BadRequest("the chat template must end the prompt with text")
 
@@ -173,6 +179,18 @@ class MtmdPrompt:
             self._chunks = None
         while self._bitmaps:
             mtmd_cpp.mtmd_bitmap_free(self._bitmaps.pop())
+
+
+def image_tokens(
+    vocab: llama_cpp.llama_vocab_p, mctx: mtmd_cpp.mtmd_context_p, width: int, height: int
+) -> int:
+    """Tokens libmtmd makes of a blank image of this size (a probe at load time)."""
+    probe = RGBImage(width, height, bytes(width * height * 3), 0, "PNG")
+    prompt = MtmdPrompt(vocab, mctx, [Segment("image", image=probe), Segment("template", "u")])
+    try:
+        return prompt.n_image_tokens
+    finally:
+        prompt.close()
 
 
 def _image_digest(image: RGBImage) -> str:
@@ -222,7 +240,8 @@ class PromptBuilder:
         if at_least > room:
             raise BadRequest(
                 f"prompt is at least {at_least} tokens ({n_bytes} bytes of text); the context holds "
-                f"{max(room, 0)} ({n_ctx} minus max_tokens {max_tokens})")
+                f"{max(room, 0)} ({n_ctx} minus max_tokens {max_tokens})"
+            )
 
     def _tokenize(self, segments: list[Segment]) -> Prompt:
         """Tokenize with libmtmd when a projector is loaded, else with the model's vocabulary."""
@@ -235,7 +254,8 @@ class PromptBuilder:
         n_ctx = self.info.n_ctx
         room = n_ctx - max_tokens
         if n_prompt > room:
-            raise BadRequest(
+            raise ContextOverflow(
                 f"prompt is {n_prompt} tokens; the context holds {max(room, 0)} "
-                f"({n_ctx} minus max_tokens {max_tokens})"
+                f"({n_ctx} minus max_tokens {max_tokens})",
+                tokens=n_prompt,
             )

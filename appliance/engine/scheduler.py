@@ -15,12 +15,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from appliance.engine.job import Job, Prepared
 from appliance.engine.types import Completion, Message, SamplingParams
 from appliance.errors import ServiceUnavailable
+
+# The engine's front door for the web layer (tests/test_imports.py): the queue and the jobs it hands out.
 
 log = logging.getLogger("appliance.engine.scheduler")
 
@@ -41,18 +43,6 @@ class Running(Protocol):
     def error(self) -> BaseException | None: ...
 
 
-class Prepared(Protocol):
-    """A tokenized prompt made before admission (off the engine thread); freed with close()."""
-
-    @property
-    def n_tokens(self) -> int: ...
-
-    @property
-    def n_image_tokens(self) -> int: ...
-
-    def close(self) -> None: ...
-
-
 class BatchEngine(Protocol):
     """What the scheduler needs of an engine (the real one, in tests too)."""
 
@@ -64,76 +54,17 @@ class BatchEngine(Protocol):
 
     def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Any: ...
 
-    def admit(self, messages: Sequence[Message], params: SamplingParams, cancelled: Callable[[], bool],
-              on_piece: Callable[[str], None], owner: str = "", prepared: Any = None) -> Running: ...
+    def admit(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        on_piece: Callable[[str], None],
+        owner: str = "",
+        prepared: Any = None,
+    ) -> Running: ...
 
     def step(self) -> Sequence[Running]: ...
-
-
-@dataclass
-class Job:
-    """One request's generation: stream pieces as they come, or await the whole completion."""
-
-    messages: tuple[Message, ...]
-    params: SamplingParams
-    tag: str = "-"
-    owner: str = ""  # the client: a slot's cached prompt beyond the system part is reused only by it
-    stream: bool = True  # False: nobody reads pieces(), so they are not handed to the event loop
-    submitted_at: float = field(default_factory=time.monotonic)
-    first_piece_at: float | None = None
-    started_at: float | None = None
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-    queue_ms: float = 0.0
-    prepared: Prepared | None = None  # tokenized before submit; the engine takes it over at admission
-    admitted: bool = False  # reached the engine (a job withdrawn from the queue never does)
-    _wake: Callable[[], None] | None = None  # tells the scheduler to drop a cancelled job from its queue
-    _pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
-    _done: asyncio.Future[Completion] | None = None
-    _loop: asyncio.AbstractEventLoop | None = None
-
-    def cancel(self) -> None:
-        """Stop at the next token, or leave the queue unrun; safe from any task or thread, idempotent."""
-        self.cancel_event.set()
-        if self._wake is not None:
-            self._wake()
-
-    async def pieces(self) -> AsyncIterator[str]:
-        """Text pieces in order; ends when the generation ends (check `result()` afterwards)."""
-        while (piece := await self._pieces.get()) is not None:
-            yield piece
-
-    @classmethod
-    def answered(cls, messages: tuple[Message, ...], params: SamplingParams, completion: Completion,
-                 tag: str = "-") -> Job:
-        """A job that never reaches the engine (a response-cache hit): its text is one piece."""
-        loop = asyncio.get_running_loop()
-        job = cls(messages, params, tag, _loop=loop)
-        job.first_piece_at = job.started_at = job.submitted_at
-        job._done = loop.create_future()
-        job._done.set_result(completion)
-        if completion.text:
-            job._pieces.put_nowait(completion.text)
-        job._pieces.put_nowait(None)
-        return job
-
-    def on_result(self, callback: Callable[[Completion], None]) -> None:
-        """Call `callback` on the event loop with the completion, if the job ends with one."""
-        assert self._done is not None
-
-        def done(future: asyncio.Future[Completion]) -> None:
-            if not future.cancelled() and future.exception() is None:
-                callback(future.result())
-
-        self._done.add_done_callback(done)
-
-    async def result(self) -> Completion:
-        """The completion; a caller that is cancelled while waiting cancels the generation too."""
-        assert self._done is not None
-        try:
-            return await asyncio.shield(self._done)
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
 
 
 class _Outbox:
@@ -164,8 +95,9 @@ def _run_all(actions: list[Callable[[], None]]) -> None:
 class Scheduler:
     """FIFO admission into the engine's slots; one worker thread runs every engine call."""
 
-    def __init__(self, engine: BatchEngine, max_queue: int,
-                 on_done: Callable[[Job, Completion], None] | None = None) -> None:
+    def __init__(
+        self, engine: BatchEngine, max_queue: int, on_done: Callable[[Job, Completion], None] | None = None
+    ) -> None:
         self._engine = engine
         self._on_done = on_done
         self.max_queue = max_queue
@@ -209,8 +141,15 @@ class Scheduler:
         """When the current engine step began (progress stamp for the watchdog)."""
         return self._step_started
 
-    def submit(self, messages: tuple[Message, ...], params: SamplingParams, tag: str = "-",
-               owner: str = "", stream: bool = True, prepared: Prepared | None = None) -> Job:
+    def submit(
+        self,
+        messages: tuple[Message, ...],
+        params: SamplingParams,
+        tag: str = "-",
+        owner: str = "",
+        stream: bool = True,
+        prepared: Prepared | None = None,
+    ) -> Job:
         """Admit a job or refuse with 503 when the queue is full; the job starts when a slot is free.
 
         With stream=False the pieces are not passed to the event loop one by one (only the completion),
@@ -219,11 +158,12 @@ class Scheduler:
         if self.waiting >= self.max_queue:
             retry = max(1, math.ceil(self._avg_seconds * (self.waiting + 1) / self.parallel))
             raise ServiceUnavailable(
-                f"the appliance is busy ({self.waiting} requests waiting); try again later",
-                retry_after=retry)
+                f"the appliance is busy ({self.waiting} requests waiting); try again later", retry_after=retry
+            )
         loop = asyncio.get_running_loop()
-        job = Job(messages, params, tag, owner=owner, stream=stream, prepared=prepared,
-                  _wake=self._wake, _loop=loop)
+        job = Job(
+            messages, params, tag, owner=owner, stream=stream, prepared=prepared, _wake=self._wake, _loop=loop
+        )
         job._done = loop.create_future()
         with self._cond:
             if self._closing:
@@ -320,8 +260,9 @@ class Scheduler:
         job.admitted = True
         self.admitted += 1
         try:
-            seq = self._engine.admit(job.messages, job.params, job.cancel_event.is_set,
-                                     self._piece_sink(job), job.owner, prepared)
+            seq = self._engine.admit(
+                job.messages, job.params, job.cancel_event.is_set, self._piece_sink(job), job.owner, prepared
+            )
         except Exception as exc:  # BadRequest and the like: the client sees its JSON error
             self._settle(job, None, exc)
             return
@@ -333,6 +274,7 @@ class Scheduler:
                 job.first_piece_at = time.monotonic()
             if job.stream:
                 self._outbox.add(job, lambda: job._pieces.put_nowait(text))
+
         return on_piece
 
     def _step(self) -> None:
@@ -351,8 +293,9 @@ class Scheduler:
             if entry is not None:
                 self._settle(entry[1], seq.completion, seq.error)
 
-    def _settle(self, job: Job, completion: Completion | None, error: BaseException | None,
-                timed: bool = True) -> None:
+    def _settle(
+        self, job: Job, completion: Completion | None, error: BaseException | None, timed: bool = True
+    ) -> None:
         """Queue the job's end for its event loop, after every piece it streamed."""
         ran = time.monotonic() - (job.started_at or job.submitted_at)
         if timed:  # a job that never ran says nothing about how long jobs take (Retry-After)
@@ -369,9 +312,17 @@ class Scheduler:
             job._done.set_exception(error or RuntimeError("generation ended without a result"))
             return
         u = c.usage
-        log.info("request %s: %s after %d+%d tokens (%d image, %d cached), queued %.0f ms, ran %.0f ms",
-                 job.tag, c.finish_reason, u.prompt_tokens, u.completion_tokens, u.image_tokens,
-                 u.cached_tokens, job.queue_ms, ran * 1000)
+        log.info(
+            "request %s: %s after %d+%d tokens (%d image, %d cached), queued %.0f ms, ran %.0f ms",
+            job.tag,
+            c.finish_reason,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.image_tokens,
+            u.cached_tokens,
+            job.queue_ms,
+            ran * 1000,
+        )
         if self._on_done is not None:
             self._on_done(job, c)
         job._done.set_result(c)

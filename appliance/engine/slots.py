@@ -49,8 +49,15 @@ class Slot:
 class Generation:
     """One request in a slot: prompt items still to evaluate, its sampler, and the output so far."""
 
-    def __init__(self, slot: Slot, prompt: Prompt, params: SamplingParams,
-                 cancelled: Callable[[], bool], on_piece: Callable[[str], None], start: int) -> None:
+    def __init__(
+        self,
+        slot: Slot,
+        prompt: Prompt,
+        params: SamplingParams,
+        cancelled: Callable[[], bool],
+        on_piece: Callable[[str], None],
+        start: int,
+    ) -> None:
         self.slot, self.prompt, self.params, self.cancelled = slot, prompt, params, cancelled
         self.cursor = start  # next prompt item to evaluate
         self.n_past = slot.ends[start - 1] if start else 0
@@ -99,4 +106,3 @@ class Span:
     pos: int
     index: int  # -1: no logits wanted (a prompt chunk that is not the last)
     prompt: bool
-

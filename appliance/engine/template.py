@@ -82,9 +82,7 @@ class ChatTemplate:
 
     def __init__(self, source: str, bos_token: str, eos_token: str, add_bos: bool) -> None:
         env = ImmutableSandboxedEnvironment(
-            trim_blocks=True,
-            lstrip_blocks=True,
-            extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
         )
         env.filters["tojson"] = _tojson
         self._template = env.from_string(source)
@@ -123,6 +121,7 @@ class ChatTemplate:
             def hold(text: str) -> str:
                 texts.append((text, role == "system"))
                 return f"<@{tag}:{len(texts) - 1}@>"
+
             return hold
 
         rendered = self._render([self._message(m, holder(m.role)) for m in messages])
@@ -155,9 +154,7 @@ class ChatTemplate:
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=True, **self._globals
-            )
+            return self._template.render(messages=messages, add_generation_prompt=True, **self._globals)
         except _TemplateRefusal as e:
             raise BadRequest(f"the chat template refused the conversation: {e}") from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
@@ -188,4 +185,3 @@ def _split(
         pos = m.end()
     if pos < len(rendered):
         yield Segment("template", rendered[pos:])
-

@@ -85,6 +85,8 @@ class ModelInfo:
     parallel: int = 1  # sequences decoded together (slots)
     max_token_bytes: int = 0  # longest token's text: bytes / this bounds a text's tokens from below
     image_max_pixels: int = 0  # pixels an image is scaled down to before encoding (0: no bound known)
+    image_token_pixels: int = 0  # pixels of one image token, when tokens grow with area (0: not known)
+    image_min_tokens: int = 0  # [model] image_min_tokens: the fewest tokens any image becomes
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

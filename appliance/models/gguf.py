@@ -25,9 +25,19 @@ KEEP_ARRAY_ITEMS = 16  # longer arrays (vocabularies) are walked and summarised,
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, 1-byte key, type, 1-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 _STRING, _ARRAY = 8, 9
-_SCALARS = {0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: ("int16", "<h"),
-            4: ("uint32", "<I"), 5: ("int32", "<i"), 6: ("float32", "<f"), 7: ("bool", "<B"),
-            10: ("uint64", "<Q"), 11: ("int64", "<q"), 12: ("float64", "<d")}
+_SCALARS = {
+    0: ("uint8", "<B"),
+    1: ("int8", "<b"),
+    2: ("uint16", "<H"),
+    3: ("int16", "<h"),
+    4: ("uint32", "<I"),
+    5: ("int32", "<i"),
+    6: ("float32", "<f"),
+    7: ("bool", "<B"),
+    10: ("uint64", "<Q"),
+    11: ("int64", "<q"),
+    12: ("float64", "<d"),
+}
 
 
 class GGUFError(SetupError):
@@ -69,8 +79,9 @@ class _Cursor:
 
     def _need(self, n: int, what: str) -> None:
         if n > self.remaining():
-            raise _Malformed(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
-                             f"only {self.remaining()} remain")
+            raise _Malformed(
+                f"truncated: {what} needs {n} bytes at offset {self.pos}, only {self.remaining()} remain"
+            )
 
     def read(self, n: int, what: str) -> bytes:
         self._need(n, what)
@@ -91,8 +102,10 @@ class _Cursor:
     def length(self, limit: int, what: str) -> int:
         n: int = self.unpack("<Q", f"length of {what}")
         if n > limit or n > self.remaining():
-            raise _Malformed(f"{what} claims {n} bytes at offset {self.pos - 8} (limit {limit}, "
-                             f"{self.remaining()} bytes remain)")
+            raise _Malformed(
+                f"{what} claims {n} bytes at offset {self.pos - 8} (limit {limit}, "
+                f"{self.remaining()} bytes remain)"
+            )
         return n
 
     def string(self, limit: int, what: str) -> str:
@@ -109,8 +122,10 @@ def read_gguf_header(path: Path) -> GGUFHeader:
         with open(path, "rb", buffering=CHUNK) as f:
             return _parse(_Cursor(f, os.fstat(f.fileno()).st_size))
     except _Malformed as e:
-        raise GGUFError(f"{path}: not a valid GGUF file: {e}",
-                        hint="the file is damaged, truncated or not a GGUF model; fetch it again") from None
+        raise GGUFError(
+            f"{path}: not a valid GGUF file: {e}",
+            hint="the file is damaged, truncated or not a GGUF model; fetch it again",
+        ) from None
     except IsADirectoryError:
         raise SetupError(f"{path} is a directory", hint="name a .gguf file") from None
     except OSError as e:
@@ -123,13 +138,16 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         raise _Malformed(f"bad magic {escape_unprintable(repr(magic))} (a GGUF file starts with b'GGUF')")
     version: int = cur.unpack("<I", "version")
     if version not in (2, 3):
-        raise _Malformed(f"unsupported GGUF version {version} (versions 2 and 3 are read; "
-                         "a huge number means a big-endian file)")
+        raise _Malformed(
+            f"unsupported GGUF version {version} (versions 2 and 3 are read; "
+            "a huge number means a big-endian file)"
+        )
     n_tensors: int = cur.unpack("<Q", "tensor count")
     n_kv: int = cur.unpack("<Q", "metadata count")
     if n_kv > MAX_KV or n_kv * _MIN_KV_BYTES > cur.remaining():
-        raise _Malformed(f"claims {n_kv} metadata entries; the limit is {MAX_KV} and "
-                         f"{cur.remaining()} bytes remain")
+        raise _Malformed(
+            f"claims {n_kv} metadata entries; the limit is {MAX_KV} and {cur.remaining()} bytes remain"
+        )
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
         key = cur.string(MAX_KEY_BYTES, f"key #{i + 1}")
@@ -162,8 +180,10 @@ def _array(cur: _Cursor, key: str) -> list[Any] | ArraySummary:
         raise _Malformed(f"{key}: array item type {item} is not supported")
     item_size = struct.calcsize(_SCALARS[item][1]) if item in _SCALARS else 8
     if count > MAX_ARRAY_ITEMS or count * item_size > cur.remaining():
-        raise _Malformed(f"{key}: array claims {count} items; the limit is {MAX_ARRAY_ITEMS} and "
-                         f"{cur.remaining()} bytes remain")
+        raise _Malformed(
+            f"{key}: array claims {count} items; the limit is {MAX_ARRAY_ITEMS} and "
+            f"{cur.remaining()} bytes remain"
+        )
     if count <= KEEP_ARRAY_ITEMS:
         return [_value(cur, item, key, in_array=True) for _ in range(count)]
     if item in _SCALARS:
@@ -180,9 +200,13 @@ def describe_gguf(path: Path, header: GGUFHeader) -> dict[str, Any]:
     arch = _str(meta.get("general.architecture"))
     ftype = _int(meta.get("general.file_type"))
     return {
-        "file": str(path), "bytes": path.stat().st_size, "gguf_version": header.version,
-        "tensors": header.tensor_count, "metadata_keys": len(meta),
-        "architecture": arch, "name": _str(meta.get("general.name")),
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "gguf_version": header.version,
+        "tensors": header.tensor_count,
+        "metadata_keys": len(meta),
+        "architecture": arch,
+        "name": _str(meta.get("general.name")),
         "file_type": None if ftype is None else FTYPE_NAMES.get(ftype, f"ftype {ftype}"),
         "context_length": _int(meta.get(f"{arch}.context_length")) if arch else None,
         "parameter_count": _int(meta.get("general.parameter_count")),

@@ -17,8 +17,10 @@ from appliance.text import escape_unprintable
 TIMEOUT_ENV = "QWEN_APPLIANCE_HUB_TIMEOUT"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 HUB_TIMEOUT_S = 10.0
-IMPORT_HINT = ("on a machine with internet access fetch the files (`hf download REPO FILE`, see "
-               "`qwen-appliance model list`), carry them over and run `qwen-appliance model import FILE...`")
+IMPORT_HINT = (
+    "on a machine with internet access fetch the files (`hf download REPO FILE`, see "
+    "`qwen-appliance model list`), carry them over and run `qwen-appliance model import FILE...`"
+)
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -27,8 +29,9 @@ def offline_requested() -> bool:
 
 
 def offline_error() -> SetupError:
-    return SetupError("HF_HUB_OFFLINE is set, so `model pull` cannot reach the Hugging Face Hub",
-                      hint=IMPORT_HINT)
+    return SetupError(
+        "HF_HUB_OFFLINE is set, so `model pull` cannot reach the Hugging Face Hub", hint=IMPORT_HINT
+    )
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,11 @@ class Hub:
         except Exception as e:
             raise self.error(e, f"{repo}@{revision}/{spec.file}") from None
         if spec.size is not None and meta.size is not None and meta.size != spec.size:
-            raise SetupError(f"{repo}@{revision}/{spec.file} is {meta.size} bytes on the Hub, but the "
-                             f"manifest says {spec.size}",
-                             hint="the manifest's revision pins the known-good file")
+            raise SetupError(
+                f"{repo}@{revision}/{spec.file} is {meta.size} bytes on the Hub, but the "
+                f"manifest says {spec.size}",
+                hint="the manifest's revision pins the known-good file",
+            )
 
     def download(self, repo: str, revision: str, file: str, staging: Path) -> Path:
         """hf_hub_download into the staging dir: progress bar, and an interrupted download resumes."""
@@ -68,8 +73,14 @@ class Hub:
 
         print(f"downloading {repo}@{revision[:12]}/{file} ...", file=sys.stderr)
         try:
-            local = hf_hub_download(repo, file, revision=revision, local_dir=staging,
-                                    endpoint=self.endpoint, etag_timeout=self.timeout)
+            local = hf_hub_download(
+                repo,
+                file,
+                revision=revision,
+                local_dir=staging,
+                endpoint=self.endpoint,
+                etag_timeout=self.timeout,
+            )
         except Exception as e:
             raise self.error(e, f"{repo}@{revision}/{file}", interrupted=True) from None
         return Path(str(local))
@@ -83,14 +94,17 @@ class Hub:
             return offline_error()
         missing = (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError)
         if isinstance(exc, missing) and not isinstance(exc, hf.LocalEntryNotFoundError):  # local: network
-            return SetupError(f"{what} is not on the Hub: {reason}",
-                              hint="the manifest may be out of date: check repo, revision and file, or pass "
-                                   "--revision")
+            return SetupError(
+                f"{what} is not on the Hub: {reason}",
+                hint="the manifest may be out of date: check repo, revision and file, or pass --revision",
+            )
         if isinstance(exc, hf.HfHubHTTPError):
             return SetupError(f"the Hub refused {what}: {reason}", hint="try again later; " + IMPORT_HINT)
         again = "run the same command again to resume the download; " if interrupted else ""
-        return SetupError(f"the Hugging Face Hub is unreachable at {self.endpoint} ({reason})",
-                          hint=f"{again}behind a proxy set HTTPS_PROXY; {IMPORT_HINT}")
+        return SetupError(
+            f"the Hugging Face Hub is unreachable at {self.endpoint} ({reason})",
+            hint=f"{again}behind a proxy set HTTPS_PROXY; {IMPORT_HINT}",
+        )
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -61,9 +61,10 @@ def ready_models_dir(path: Path) -> Path:
         if created:
             path.chmod(0o755)
     except PermissionError:
-        raise SetupError(f"cannot create {path}: permission denied",
-                         hint=f"run as the appliance admin, or pass --models-dir DIR / set ${MODELS_ENV}",
-                         ) from None
+        raise SetupError(
+            f"cannot create {path}: permission denied",
+            hint=f"run as the appliance admin, or pass --models-dir DIR / set ${MODELS_ENV}",
+        ) from None
     if not path.is_dir():
         raise SetupError(f"{path} is not a directory", hint="pass --models-dir DIR")
     if path.stat().st_mode & 0o022:
@@ -94,9 +95,11 @@ def verify_copy(path: Path, file: str, expected: Expected, digest: str, size: in
     else:
         return
     path.unlink(missing_ok=True)
-    raise SetupError(f"{problem}; not installed",
-                     hint="the copy is damaged or is not the published file: fetch it again from the "
-                          "repository and revision that `model list` names")
+    raise SetupError(
+        f"{problem}; not installed",
+        hint="the copy is damaged or is not the published file: fetch it again from the "
+        "repository and revision that `model list` names",
+    )
 
 
 def install(tmp: Path, dest: Path) -> None:
@@ -130,8 +133,9 @@ def pull(manifest: Manifest, entry: Entry, models_dir: Path, revision: str) -> d
     return digests
 
 
-def _pull_file(hub: Hub, repo: str, revision: str, spec: FileSpec, models_dir: Path,
-               expected: Expected) -> str:
+def _pull_file(
+    hub: Hub, repo: str, revision: str, spec: FileSpec, models_dir: Path, expected: Expected
+) -> str:
     """Download into staging, verify, install read-only, pin if nothing published a digest."""
     local = hub.download(repo, revision, spec.file, _staging(models_dir))
     print(f"verifying {spec.file} ...", file=sys.stderr)
@@ -147,14 +151,17 @@ def _pull_file(hub: Hub, repo: str, revision: str, spec: FileSpec, models_dir: P
 def _check_installed(dest: Path, expected: Expected) -> str:
     """An already installed file is kept only if it verifies; an unpinned one is not trusted by pull."""
     if not expected.sha256:
-        raise SetupError(f"{dest} exists but no digest pins it",
-                         hint=f"check where it came from, then `qwen-appliance model import {dest}`, or "
-                              "delete it")
+        raise SetupError(
+            f"{dest} exists but no digest pins it",
+            hint=f"check where it came from, then `qwen-appliance model import {dest}`, or delete it",
+        )
     digest, _ = hash_file(dest)
     if digest != expected.sha256:
-        raise SetupError(f"{dest} is installed but its SHA-256 {digest} differs from "
-                         f"{ORIGINS[expected.origin]} ({expected.sha256})",
-                         hint="it was altered or damaged: inspect it, delete it and pull again")
+        raise SetupError(
+            f"{dest} is installed but its SHA-256 {digest} differs from "
+            f"{ORIGINS[expected.origin]} ({expected.sha256})",
+            hint="it was altered or damaged: inspect it, delete it and pull again",
+        )
     print(f"already installed and verified: {dest}", file=sys.stderr)
     return digest
 
@@ -172,8 +179,9 @@ class _Import:
     entry: Entry | None
 
 
-def import_files(manifest: Manifest, entry: Entry | None, sources: list[Path], models_dir: Path,
-                 unlisted: bool) -> dict[str, tuple[Path, str]]:
+def import_files(
+    manifest: Manifest, entry: Entry | None, sources: list[Path], models_dir: Path, unlisted: bool
+) -> dict[str, tuple[Path, str]]:
     """Install files after verifying them; the installed path and digest by role, counterparts included."""
     plan = [_plan_import(manifest, entry, src, unlisted) for src in sources]
     targets = [p.target for p in plan]
@@ -199,12 +207,15 @@ def _plan_import(manifest: Manifest, entry: Entry | None, src: Path, unlisted: b
     if hit:
         return _checked_role(_Import(src, src.name, hit[1].role, hit[0]), role)
     if not unlisted:
-        raise SetupError(f"{src.name} is not in the manifest {manifest.path}",
-                         hint="compare with `qwen-appliance model list`, pass --name NAME for a renamed "
-                              "copy, or --unlisted to install it anyway and pin its SHA-256")
+        raise SetupError(
+            f"{src.name} is not in the manifest {manifest.path}",
+            hint="compare with `qwen-appliance model list`, pass --name NAME for a renamed "
+            "copy, or --unlisted to install it anyway and pin its SHA-256",
+        )
     if not FILE_NAME.fullmatch(src.name):
-        raise SetupError(f"{src.name}: unsuitable file name",
-                         hint="rename it to letters, digits, ._+- and .gguf")
+        raise SetupError(
+            f"{src.name}: unsuitable file name", hint="rename it to letters, digits, ._+- and .gguf"
+        )
     return _Import(src, src.name, role, None)
 
 
@@ -212,8 +223,10 @@ def _checked_role(item: _Import, role: str) -> _Import:
     """A projector under a text model's name (or the reverse) is refused, even before any digest exists."""
     if item.role != role:
         what = "a vision projector (architecture clip)" if role == "mmproj" else "a text model"
-        raise SetupError(f"{item.src} is {what}, but the manifest lists {item.target} as the {item.role}",
-                         hint="check which file is which; the projector's name starts with mmproj-")
+        raise SetupError(
+            f"{item.src} is {what}, but the manifest lists {item.target} as the {item.role}",
+            hint="check which file is which; the projector's name starts with mmproj-",
+        )
     return item
 
 
@@ -242,15 +255,17 @@ def check_digest_in_place(dest: Path, expected: Expected) -> tuple[str, int]:
     """Importing a file already in the models dir: verify it and make it read-only, never delete it."""
     digest, size = hash_file(dest)
     if expected.sha256 and digest != expected.sha256:
-        raise SetupError(f"{dest}: SHA-256 {digest} differs from {ORIGINS[expected.origin]} "
-                         f"({expected.sha256})",
-                         hint="inspect the file; it is not the published one")
+        raise SetupError(
+            f"{dest}: SHA-256 {digest} differs from {ORIGINS[expected.origin]} ({expected.sha256})",
+            hint="inspect the file; it is not the published one",
+        )
     dest.chmod(0o444)
     return digest, size
 
 
-def _add_counterpart(done: dict[str, tuple[Path, str]], manifest: Manifest, models_dir: Path,
-                     entry: Entry | None) -> None:
+def _add_counterpart(
+    done: dict[str, tuple[Path, str]], manifest: Manifest, models_dir: Path, entry: Entry | None
+) -> None:
     """Complete the policy lines with the entry's other file when it is already installed and pinned."""
     if entry is None:
         return
@@ -292,8 +307,9 @@ def dir_checks(models_dir: Path, manifest: Manifest) -> list[Check]:
         raise SetupError(f"models dir not found: {models_dir}", hint="pass --models-dir DIR")
     found = sorted(p for p in models_dir.iterdir() if p.suffix == ".gguf" and not p.name.startswith("."))
     if not found:
-        raise SetupError(f"no .gguf files in {models_dir}",
-                         hint="install one with `model pull` or `model import`")
+        raise SetupError(
+            f"no .gguf files in {models_dir}", hint="install one with `model pull` or `model import`"
+        )
     pins = load_pins(models_dir)
     return [Check(p, expected_for(manifest, pins, p.name)) for p in found]
 

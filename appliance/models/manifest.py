@@ -15,8 +15,10 @@ from appliance.errors import SetupError
 MANIFEST_ENV = "QWEN_APPLIANCE_MANIFEST"
 # A source checkout (editable install: appliance/models/ -> the repository root), then an installed tree whose
 # venv sits in the app dir (/opt/qwen-appliance/.venv -> /opt/qwen-appliance/models/manifest.toml).
-MANIFEST_CANDIDATES = (Path(__file__).resolve().parents[2] / "models" / "manifest.toml",
-                       Path(sys.prefix).parent / "models" / "manifest.toml")
+MANIFEST_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "models" / "manifest.toml",
+    Path(sys.prefix).parent / "models" / "manifest.toml",
+)
 HEX64 = re.compile(r"[0-9a-f]{64}")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}\.gguf")
 _ENTRY_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
@@ -87,8 +89,9 @@ def load_manifest(given: Path | None = None) -> Manifest:
     """Parse and validate the manifest; any doubtful value is an error, never a guess."""
     path = manifest_path(given)
     looked = " and ".join(dict.fromkeys(str(p) for p in MANIFEST_CANDIDATES))
-    doc = read_toml(path, "model manifest",
-                    hint=f"pass --manifest FILE or set ${MANIFEST_ENV} (looked in {looked})")
+    doc = read_toml(
+        path, "model manifest", hint=f"pass --manifest FILE or set ${MANIFEST_ENV} (looked in {looked})"
+    )
     tables = doc.get("models")
     if not isinstance(tables, list) or not tables:
         raise SetupError(f"{path}: no [[models]] entries", hint="see models/manifest.toml in the source")
@@ -112,8 +115,9 @@ def _entry(where: str, table: Any) -> Entry:
         raise SetupError(f"{where}: not a table")
     missing = [k for k in _REQUIRED if k not in table]
     if missing:
-        raise SetupError(f"{where}: missing {', '.join(missing)}",
-                         hint=f"every entry needs {', '.join(_REQUIRED)}")
+        raise SetupError(
+            f"{where}: missing {', '.join(missing)}", hint=f"every entry needs {', '.join(_REQUIRED)}"
+        )
     default = table.get("default", False)
     if not isinstance(default, bool):
         raise SetupError(f"{where}: default must be true or false")
@@ -121,16 +125,25 @@ def _entry(where: str, table: Any) -> Entry:
         name=_text(where, table, "name", _ENTRY_NAME),
         repo=_text(where, table, "repo", _REPO),
         revision=_text(where, table, "revision", _REVISION, optional=True),
-        model=FileSpec(_text(where, table, "file", FILE_NAME), _size(where, table, "size"),
-                       _digest(where, table, "sha256"), "model"),
-        mmproj=FileSpec(_text(where, table, "mmproj_file", FILE_NAME), _size(where, table, "mmproj_size"),
-                        _digest(where, table, "mmproj_sha256"), "mmproj"),
+        model=FileSpec(
+            _text(where, table, "file", FILE_NAME),
+            _size(where, table, "size"),
+            _digest(where, table, "sha256"),
+            "model",
+        ),
+        mmproj=FileSpec(
+            _text(where, table, "mmproj_file", FILE_NAME),
+            _size(where, table, "mmproj_size"),
+            _digest(where, table, "mmproj_sha256"),
+            "mmproj",
+        ),
         default=default,
     )
 
 
-def _text(where: str, table: dict[str, Any], key: str, pattern: re.Pattern[str],
-          optional: bool = False) -> str:
+def _text(
+    where: str, table: dict[str, Any], key: str, pattern: re.Pattern[str], optional: bool = False
+) -> str:
     value = table.get(key, "")
     if optional and value == "":
         return ""
@@ -144,14 +157,14 @@ def _size(where: str, table: dict[str, Any], key: str) -> int | None:
     if value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SetupError(f"{where}: {key} must be a byte count or \"\" (unknown)")
+        raise SetupError(f'{where}: {key} must be a byte count or "" (unknown)')
     return value
 
 
 def _digest(where: str, table: dict[str, Any], key: str) -> str:
     value = table[key]
     if not isinstance(value, str) or not (value == "" or HEX64.fullmatch(value.lower())):
-        raise SetupError(f"{where}: {key} must be 64 hex digits or \"\" (pin on first install)")
+        raise SetupError(f'{where}: {key} must be 64 hex digits or "" (pin on first install)')
     return value.lower()
 
 

@@ -14,8 +14,12 @@ from appliance.models.manifest import HEX64, Manifest, read_toml
 
 PINS_FILE = "pins.toml"
 # Who vouches for a digest, as error messages name it.
-ORIGINS = {"manifest": "the manifest", "pin": f"its pin in {PINS_FILE}", "policy": "the policy",
-           "": "nothing"}
+ORIGINS = {
+    "manifest": "the manifest",
+    "pin": f"its pin in {PINS_FILE}",
+    "policy": "the policy",
+    "": "nothing",
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,14 @@ def save_pin(models_dir: Path, file: str, pin: Pin) -> None:
     path = models_dir / PINS_FILE
     doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else _new_pins_doc()
     table = tomlkit.table()
-    table.update({"sha256": pin.sha256, "size": pin.size, "source": pin.source,
-                  "pinned": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()})
+    table.update(
+        {
+            "sha256": pin.sha256,
+            "size": pin.size,
+            "source": pin.source,
+            "pinned": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        }
+    )
     doc[file] = table
     files.write_public(path, tomlkit.dumps(doc).encode())
 

@@ -55,8 +55,14 @@ def facts(cert: x509.Certificate) -> CertFacts:
         ips = tuple(str(v) for v in ext.get_values_for_type(x509.IPAddress))
     except x509.ExtensionNotFound:
         dns, ips = (), ()
-    return CertFacts(common_name(cert.subject), common_name(cert.issuer), dns, ips,
-                     cert.not_valid_before_utc, cert.not_valid_after_utc)
+    return CertFacts(
+        common_name(cert.subject),
+        common_name(cert.issuer),
+        dns,
+        ips,
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+    )
 
 
 def pem_facts(path: Path) -> CertFacts:

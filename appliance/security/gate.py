@@ -54,13 +54,16 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 )
 
 
-_AUDIT_DOWN = ServiceUnavailable("the audit trail cannot be written, so the request was refused",
-                                 retry_after=5)
+_AUDIT_DOWN = ServiceUnavailable(
+    "the audit trail cannot be written, so the request was refused", retry_after=5
+)
 
 
 def _is_stream(message: Message) -> bool:
-    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
-               for k, v in message.get("headers", []))
+    return any(
+        k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+        for k, v in message.get("headers", [])
+    )
 
 
 def _noop() -> None:
@@ -75,8 +78,7 @@ def _check_length(scope: Scope, policy: Policy) -> None:
             if not size.isdigit():
                 raise PayloadTooLarge("Content-Length is not a number")
             if int(size) > policy.limits.max_body_bytes:
-                raise PayloadTooLarge(f"request body is larger than {policy.limits.max_body_bytes} "
-                                      "bytes")
+                raise PayloadTooLarge(f"request body is larger than {policy.limits.max_body_bytes} bytes")
 
 
 def error_body(exc: ClientError) -> bytes:
@@ -86,9 +88,14 @@ def error_body(exc: ClientError) -> bytes:
 
 def internal_error_body(request_id: str) -> bytes:
     """The same shape for a failure of our own: the client learns only the id to quote."""
-    return json.dumps({"error": {"type": INTERNAL_ERROR,
-                                 "message": f"internal error; quote request id {request_id} to the admin"}}
-                      ).encode()
+    return json.dumps(
+        {
+            "error": {
+                "type": INTERNAL_ERROR,
+                "message": f"internal error; quote request id {request_id} to the admin",
+            }
+        }
+    ).encode()
 
 
 class Gate:
@@ -162,8 +169,11 @@ class Gate:
                 if swallow:
                     return
                 if streaming and not message.get("more_body", False) and not await self.trail.complete(scope):
-                    message = {"type": "http.response.body", "more_body": False,  # no record: no clean end
-                               "body": b"data: " + error_body(_AUDIT_DOWN) + b"\n\n"}
+                    message = {
+                        "type": "http.response.body",
+                        "more_body": False,  # no record: no clean end
+                        "body": b"data: " + error_body(_AUDIT_DOWN) + b"\n\n",
+                    }
             await send(message)
 
         return wrapped
@@ -193,26 +203,34 @@ class Gate:
     def _headers(send: Send, request_id: str, keep_csp: bool = False) -> Send:
         """Security headers on every response; only console routes may set their own CSP."""
         # The gate's own values win (no duplicates); only console routes may keep their own CSP.
-        ours = (b"server", b"x-request-id", b"cache-control", b"strict-transport-security",
-                b"x-content-type-options", b"x-frame-options", b"referrer-policy")
+        ours = (
+            b"server",
+            b"x-request-id",
+            b"cache-control",
+            b"strict-transport-security",
+            b"x-content-type-options",
+            b"x-frame-options",
+            b"referrer-policy",
+        )
         dropped = ours if keep_csp else (*ours, b"content-security-policy")
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [h for h in message.get("headers", []) if h[0].lower() not in dropped]
                 own_csp = any(h[0].lower() == b"content-security-policy" for h in headers)
-                headers.extend(h for h in SECURITY_HEADERS
-                               if not (own_csp and h[0] == b"content-security-policy"))
+                headers.extend(
+                    h for h in SECURITY_HEADERS if not (own_csp and h[0] == b"content-security-policy")
+                )
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers
             await send(message)
+
         return wrapped
 
     @staticmethod
     async def _refuse(send: Send, exc: ClientError) -> None:
         body = error_body(exc)
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if isinstance(exc, Unauthorized):
             headers.append((b"www-authenticate", b'Bearer realm="qwen-appliance"'))
         if isinstance(exc, MethodNotAllowed):

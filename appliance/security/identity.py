@@ -19,8 +19,10 @@ from appliance.web.routes import Route, routes_for
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-NONCANONICAL = ("the request path is not in its one canonical spelling (no percent-encoding, no empty, '.' "
-                "or '..' segments, no trailing '/', ASCII letters, digits and '._-' only)")
+NONCANONICAL = (
+    "the request path is not in its one canonical spelling (no percent-encoding, no empty, '.' "
+    "or '..' segments, no trailing '/', ASCII letters, digits and '._-' only)"
+)
 
 _SEGMENT = r"/[A-Za-z0-9_-][A-Za-z0-9._-]*"
 _CANONICAL = re.compile(rf"/|({_SEGMENT})+")
@@ -31,8 +33,11 @@ def canonical_path(scope: dict[str, Any]) -> str:
     dispatches is then exactly what the table is looked up with."""
     path = str(scope.get("path", ""))
     raw = scope.get("raw_path")
-    if not _CANONICAL.fullmatch(path) or (raw is not None and bytes(raw) != path.encode("ascii")) \
-            or scope.get("root_path"):  # Litestar would strip a root_path first
+    if (
+        not _CANONICAL.fullmatch(path)
+        or (raw is not None and bytes(raw) != path.encode("ascii"))
+        or scope.get("root_path")
+    ):  # Litestar would strip a root_path first
         raise BadRequest(NONCANONICAL)
     return path
 
@@ -62,8 +67,9 @@ def refuse_unrouted(scope: dict[str, Any]) -> None:
     """No row for this method and path: 405 when the path has another method, else 404 (never public)."""
     rows = routes_for(canonical_path(scope))
     if rows:
-        raise MethodNotAllowed("method not allowed on this route",
-                               allow=tuple(sorted({r.method for r in rows})))
+        raise MethodNotAllowed(
+            "method not allowed on this route", allow=tuple(sorted({r.method for r in rows}))
+        )
     raise NotFound("no such route")
 
 
@@ -101,8 +107,10 @@ def source_ip(scope: dict[str, Any], policy: Policy) -> IPAddress:
     if not _in(peer, policy.server.trusted_proxies):
         return peer  # nobody else's forwarding headers are read
     if _header(scope, b"forwarded") is not None:
-        raise Forbidden("the trusted proxy sent a Forwarded header, which this appliance does not read; "
-                        "configure the proxy to send X-Forwarded-For only")
+        raise Forbidden(
+            "the trusted proxy sent a Forwarded header, which this appliance does not read; "
+            "configure the proxy to send X-Forwarded-For only"
+        )
     forwarded = _joined(scope, b"x-forwarded-for")
     if forwarded is None:
         return peer
@@ -133,7 +141,23 @@ def network_gate(scope: dict[str, Any], policy: Policy) -> Caller:
         raise Forbidden("this client certificate cannot be identified; ask the appliance admin for a new one")
     if cert is not None and policy.server.revoked & cert_ids(cert):
         raise Forbidden("this client certificate has been revoked")
+    if cert is not None and not valid_now(cert):
+        raise Forbidden(
+            "this client certificate has expired or is not yet valid; ask the appliance admin for a new one"
+        )
     return Caller(ip=str(ip), cert=cert)
+
+
+def valid_now(cert: dict[str, Any], now: dt.datetime | None = None) -> bool:
+    """The handshake checked the validity window once; a keep-alive or resumed session must not outlive it."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    start, end = cert.get("not_before"), cert.get("not_after")
+    try:
+        return (start is None or dt.datetime.fromisoformat(start) <= now) and (
+            end is not None and now <= dt.datetime.fromisoformat(end)
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def cert_ids(cert: dict[str, Any]) -> frozenset[str]:
@@ -165,8 +189,7 @@ class TokenRefused(Unauthorized):
         self.client = client
 
 
-def identify(scope: dict[str, Any], policy: Policy, caller: Caller, today: dt.date | None = None
-             ) -> Caller:
+def identify(scope: dict[str, Any], policy: Policy, caller: Caller, today: dt.date | None = None) -> Caller:
     """Select the client by its token; a token that names no usable client is refused alike (401)."""
     token = _bearer(scope)
     if token is None:
@@ -176,10 +199,8 @@ def identify(scope: dict[str, Any], policy: Policy, caller: Caller, today: dt.da
         raise TokenRefused("unknown token")
     if client.disabled:
         raise TokenRefused(f"token of client {client.name!r}, which is disabled", client)
-    if client.expires is not None and (today or dt.datetime.now(dt.timezone.utc).date()) \
-            > client.expires:
-        raise TokenRefused(f"token of client {client.name!r} expired on {client.expires.isoformat()}",
-                           client)
+    if client.expires is not None and (today or dt.datetime.now(dt.timezone.utc).date()) > client.expires:
+        raise TokenRefused(f"token of client {client.name!r} expired on {client.expires.isoformat()}", client)
     return Caller(ip=caller.ip, cert=caller.cert, client=client)
 
 

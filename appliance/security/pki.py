@@ -29,10 +29,12 @@ class Issued:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qwen-appliance"),
-        x509.NameAttribute(NameOID.COMMON_NAME, cn),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qwen-appliance"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
 def validity(days: int, valid_from: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
@@ -49,8 +51,9 @@ def validity(days: int, valid_from: dt.datetime | None = None) -> tuple[dt.datet
     return start, start + dt.timedelta(days=days)
 
 
-def _builder(subject: str, issuer: x509.Name, key: Key, days: int,
-             valid_from: dt.datetime | None = None) -> x509.CertificateBuilder:
+def _builder(
+    subject: str, issuer: x509.Name, key: Key, days: int, valid_from: dt.datetime | None = None
+) -> x509.CertificateBuilder:
     not_before, not_after = validity(days, valid_from)
     return (
         x509.CertificateBuilder()
@@ -64,31 +67,41 @@ def _builder(subject: str, issuer: x509.Name, key: Key, days: int,
     )
 
 
-def new_ca(cn: str = "qwen-appliance local CA", days: int = 3650, *,
-           valid_from: dt.datetime | None = None) -> Issued:
+def new_ca(
+    cn: str = "qwen-appliance local CA", days: int = 3650, *, valid_from: dt.datetime | None = None
+) -> Issued:
     """A CA that only signs leaf certificates (path length 0)."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         _builder(cn, _name(cn), key, days, valid_from)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                       critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
         .sign(key, hashes.SHA256())
     )
     return Issued(cert, key)
 
 
-def _leaf(ca: Issued, cn: str, days: int, usage: x509.ObjectIdentifier,
-          sans: list[x509.GeneralName], valid_from: dt.datetime | None) -> Issued:
+def _leaf(
+    ca: Issued,
+    cn: str,
+    days: int,
+    usage: x509.ObjectIdentifier,
+    sans: list[x509.GeneralName],
+    valid_from: dt.datetime | None,
+) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         _builder(cn, ca.cert.subject, key, days, valid_from)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                       critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -109,15 +122,16 @@ def server_sans(extra_hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def new_server_cert(ca: Issued, hosts: list[str], days: int = 365, *,
-                    valid_from: dt.datetime | None = None) -> Issued:
+def new_server_cert(
+    ca: Issued, hosts: list[str], days: int = 365, *, valid_from: dt.datetime | None = None
+) -> Issued:
     """A TLS server certificate for this host; `valid_from` + `days` set an explicit validity window."""
-    return _leaf(ca, "qwen-appliance server", days, ExtendedKeyUsageOID.SERVER_AUTH,
-                 server_sans(hosts), valid_from)
+    return _leaf(
+        ca, "qwen-appliance server", days, ExtendedKeyUsageOID.SERVER_AUTH, server_sans(hosts), valid_from
+    )
 
 
-def new_client_cert(ca: Issued, cn: str, days: int = 825, *,
-                    valid_from: dt.datetime | None = None) -> Issued:
+def new_client_cert(ca: Issued, cn: str, days: int = 825, *, valid_from: dt.datetime | None = None) -> Issued:
     """A TLS client certificate; `valid_from` + `days` set an explicit window (e.g. already expired)."""
     return _leaf(ca, cn, days, ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName(cn)], valid_from)
 
@@ -143,8 +157,9 @@ def pkcs12_bytes(issued: Issued, ca_cert: x509.Certificate, name: str, password:
         .hmac_hash(hashes.SHA256())
         .build(password.encode("utf-8"))
     )
-    return pkcs12.serialize_key_and_certificates(name.encode("utf-8"), issued.key, issued.cert,
-                                                 [ca_cert], encryption)
+    return pkcs12.serialize_key_and_certificates(
+        name.encode("utf-8"), issued.key, issued.cert, [ca_cert], encryption
+    )
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:
@@ -152,8 +167,9 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def key_pem(key: Key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def save(issued: Issued, cert_path: Path, key_path: Path) -> None:

@@ -29,10 +29,10 @@ class ClientLimits:
 
     def acquire(self, client: Client) -> Callable[[], None]:
         """Admit one request or raise 429; the returned callable releases its concurrency slot."""
-        if client.max_concurrent is not None and \
-                self._active.get(client.name, 0) >= client.max_concurrent:
-            raise TooManyRequests(f"client already has {client.max_concurrent} requests in flight",
-                                  retry_after=1)
+        if client.max_concurrent is not None and self._active.get(client.name, 0) >= client.max_concurrent:
+            raise TooManyRequests(
+                f"client already has {client.max_concurrent} requests in flight", retry_after=1
+            )
         self._take(client)
         self._active[client.name] = self._active.get(client.name, 0) + 1
         released = False
@@ -55,8 +55,9 @@ class ClientLimits:
         bucket.stamp = now
         if bucket.tokens < 1:
             wait = (1 - bucket.tokens) * period / capacity
-            raise TooManyRequests(f"rate limit of {client.rate} exceeded",
-                                  retry_after=max(1, math.ceil(wait)))
+            raise TooManyRequests(
+                f"rate limit of {client.rate} exceeded", retry_after=max(1, math.ceil(wait))
+            )
         bucket.tokens -= 1
 
     def in_flight(self, name: str) -> int:
@@ -81,25 +82,37 @@ class TokenBudgets:
         bucket.stamp = now
         return bucket
 
-    def check(self, client: Client | None) -> None:
-        """429 before any parsing or tokenizing while the client's budget is spent."""
+    def check(self, client: Client | None, at_least: int = 0, max_tokens: int = 0) -> None:
+        """Refuse before the costly work: 429 while the budget cannot pay the request's fewest possible
+        tokens (`at_least` prompt tokens, known before decoding, + max_tokens; at least one), 413 if the
+        whole budget cannot."""
         bucket = self._bucket(client) if client is not None else None
-        if bucket is not None and bucket.tokens < 1:
-            self._refuse(client, bucket, 1, "its budget is spent")  # type: ignore[arg-type]
+        if bucket is None or client is None:
+            return
+        cost = max(1, at_least + max_tokens)
+        if cost > 1:
+            self._too_large(client, cost, f"at least {at_least}", max_tokens)
+        if bucket.tokens < cost:
+            why = "its budget is spent" if cost == 1 else f"this request costs at least {cost}"
+            self._refuse(client, bucket, cost, why)
 
     def charge(self, client: Client | None, prompt_tokens: int, max_tokens: int) -> None:
         """Take a request's cost, or refuse: 413 if it exceeds the whole budget, else 429."""
         bucket = self._bucket(client) if client is not None else None
-        if bucket is None or client is None or client.token_budget is None:
+        if bucket is None or client is None:
             return
         cost = prompt_tokens + max_tokens
-        if cost > client.token_budget.count:
-            raise PayloadTooLarge(
-                f"request costs {cost} tokens (prompt and images {prompt_tokens} + max_tokens "
-                f"{max_tokens}); this client's token_budget is {client.token_budget}")
+        self._too_large(client, cost, str(prompt_tokens), max_tokens)
         if bucket.tokens < cost:
             self._refuse(client, bucket, cost, f"this request costs {cost}")
         bucket.tokens -= cost
+
+    def spend(self, client: Client | None, tokens: int) -> None:
+        """Take the cost of work done for a request that was refused after it (decoding, tokenizing):
+        never refused, the budget may go below zero, and the client waits until it refills."""
+        bucket = self._bucket(client) if client is not None else None
+        if bucket is not None and tokens > 0:
+            bucket.tokens -= tokens
 
     def refund(self, client: Client | None, tokens: int) -> None:
         """Give back answer tokens a request reserved (max_tokens) but did not generate."""
@@ -108,9 +121,20 @@ class TokenBudgets:
             bucket.tokens = min(client.token_budget.count, bucket.tokens + tokens)
 
     @staticmethod
+    def _too_large(client: Client, cost: int, prompt: str, max_tokens: int) -> None:
+        budget = client.token_budget
+        if budget is not None and cost > budget.count:
+            raise PayloadTooLarge(
+                f"request costs {cost} tokens (prompt and images {prompt} + max_tokens "
+                f"{max_tokens}); this client's token_budget is {budget}"
+            )
+
+    @staticmethod
     def _refuse(client: Client, bucket: _Bucket, cost: int, why: str) -> None:
         rate = client.token_budget
         assert rate is not None
         wait = (cost - bucket.tokens) * rate.seconds / rate.count
-        raise TooManyRequests(f"token budget of {rate} tokens exceeded ({why}; "
-                              f"{max(int(bucket.tokens), 0)} left)", retry_after=max(1, math.ceil(wait)))
+        raise TooManyRequests(
+            f"token budget of {rate} tokens exceeded ({why}; {max(int(bucket.tokens), 0)} left)",
+            retry_after=max(1, math.ceil(wait)),
+        )

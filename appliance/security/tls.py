@@ -17,11 +17,16 @@ from appliance.security import certfacts, certid
 log = logging.getLogger("appliance.security.tls")
 
 # Mozilla intermediate (v5.7): forward-secret AEAD suites only for TLS 1.2; TLS 1.3 suites are fixed.
-MOZILLA_INTERMEDIATE_CIPHERS = ":".join([
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-])
+MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 _VERIFY = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "off": ssl.CERT_NONE}
 
@@ -45,8 +50,10 @@ def server_context_with_ca(server: ServerPolicy) -> tuple[ssl.SSLContext, str | 
     try:
         ctx.load_cert_chain(str(server.tls_cert), str(server.tls_key))
     except (OSError, ssl.SSLError) as exc:
-        raise TLSSetupError(f"{server.tls_cert}: cannot load certificate/key ({exc})",
-                            hint="check [server] tls_cert and tls_key match and are PEM") from None
+        raise TLSSetupError(
+            f"{server.tls_cert}: cannot load certificate/key ({exc})",
+            hint="check [server] tls_cert and tls_key match and are PEM",
+        ) from None
     ctx.verify_mode = _VERIFY[server.client_cert]
     ca_sha256 = None
     if server.client_cert != "off":
@@ -93,10 +100,18 @@ class PeerCert:
     sans: tuple[str, ...]
     not_after: str | None
     problem: str | None = None
+    not_before: str | None = None  # with not_after, checked on every request: keep-alive and resumption
 
     def as_scope(self) -> dict[str, object]:
-        return {"cert_sha256": self.sha256, "cert_ids": self.fingerprints, "subject_cn": self.subject_cn,
-                "sans": list(self.sans), "not_after": self.not_after, "problem": self.problem}
+        return {
+            "cert_sha256": self.sha256,
+            "cert_ids": self.fingerprints,
+            "subject_cn": self.subject_cn,
+            "sans": list(self.sans),
+            "not_after": self.not_after,
+            "not_before": self.not_before,
+            "problem": self.problem,
+        }
 
 
 def peer_cert(der: bytes) -> PeerCert:
@@ -109,5 +124,11 @@ def peer_cert(der: bytes) -> PeerCert:
         reason = str(exc) if isinstance(exc, certid.CertEncodingError) else "the certificate cannot be parsed"
         log.warning("client certificate refused: %s", reason)
         return PeerCert(None, frozenset(), None, (), None, problem=reason)
-    return PeerCert(ident.tbs_sha256, ident.fingerprints, claims.subject_cn, claims.sans,
-                    claims.not_after.isoformat())
+    return PeerCert(
+        ident.tbs_sha256,
+        ident.fingerprints,
+        claims.subject_cn,
+        claims.sans,
+        claims.not_after.isoformat(),
+        not_before=claims.not_before.isoformat(),
+    )

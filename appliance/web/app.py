@@ -28,21 +28,27 @@ ROUTE_HANDLERS = [*health.HANDLERS, *chat.HANDLERS, openapi.openapi_document, *w
 def _client_error(request: Request[Any, Any, Any], exc: ClientError) -> Response[bytes]:
     state.of(request.scope).audit_reason = f"{exc.type}: {exc.message}"
     headers = {"retry-after": str(exc.retry_after)} if exc.retry_after is not None else None
-    return Response(error_body(exc), status_code=exc.status, media_type="application/json",
-                    headers=headers)
+    return Response(error_body(exc), status_code=exc.status, media_type="application/json", headers=headers)
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code if 400 <= exc.status_code < 500 else 500
-    message = {404: "no such route", 405: "method not allowed on this route",
-               413: "request body is too large"}.get(status, "bad request")
+    message = {
+        404: "no such route",
+        405: "method not allowed on this route",
+        413: "request body is too large",
+    }.get(status, "bad request")
     if status == 500:
         message = "internal error"
     payload = {"error": {"type": error_type(status), "message": message}}
     state.of(request.scope).audit_reason = f"{payload['error']['type']}: {message}"
     allow = (exc.headers or {}).get("allow") if status == 405 else None  # RFC 9110: a 405 names them
-    return Response(json.dumps(payload).encode(), status_code=status,
-                    media_type="application/json", headers={"allow": allow} if allow else None)
+    return Response(
+        json.dumps(payload).encode(),
+        status_code=status,
+        media_type="application/json",
+        headers={"allow": allow} if allow else None,
+    )
 
 
 def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -57,24 +63,29 @@ def _crash(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 
 def registered_routes(app: Litestar) -> set[tuple[str, str]]:
     """(method, path) of every handler Litestar can dispatch, less the OPTIONS it adds by itself."""
-    return {(method, route.path_format) for route in app.routes
-            for method in getattr(route, "methods", {"ANY"}) if method != "OPTIONS"}
+    return {
+        (method, route.path_format)
+        for route in app.routes
+        for method in getattr(route, "methods", {"ANY"})
+        if method != "OPTIONS"
+    }
 
 
 def _check_routes(app: Litestar) -> None:
     """The gate authorises rows of routes.ROUTES only: a handler outside the table must not start."""
     table = {(r.method, r.path) for r in ROUTES}
     if registered_routes(app) != table:
-        raise RuntimeError(f"HTTP routes {sorted(registered_routes(app) ^ table)} are not exactly "
-                           "routes.ROUTES; declare each route there with its scope")
+        raise RuntimeError(
+            f"HTTP routes {sorted(registered_routes(app) ^ table)} are not exactly "
+            "routes.ROUTES; declare each route there with its scope"
+        )
 
 
 def build_app(runtime: Runtime) -> Gate:
     """The Litestar app wrapped in the gate; nothing is reachable around it."""
     app = Litestar(
         route_handlers=ROUTE_HANDLERS,
-        exception_handlers={ClientError: _client_error, HTTPException: _http_error,
-                            Exception: _crash},
+        exception_handlers={ClientError: _client_error, HTTPException: _http_error, Exception: _crash},
         request_max_body_size=runtime.policy.limits.max_body_bytes,
         openapi_config=None,
         debug=False,

@@ -28,16 +28,19 @@ def _image_id(image: RGBImage) -> dict[str, object]:
     return {"image": digest, "w": image.width, "h": image.height}
 
 
-def request_key(client: str, model_sha256: str, messages: Iterable[Message],
-                params: SamplingParams) -> str:
+def request_key(client: str, model_sha256: str, messages: Iterable[Message], params: SamplingParams) -> str:
     """SHA-256 of the canonical request; sampling knobs that cannot matter (greedy) are left out."""
     sampling: dict[str, object] = {"max_tokens": params.max_tokens, "stop": list(params.stop)}
     if params.temperature > 0:
         sampling.update(temperature=params.temperature, top_p=params.top_p, seed=params.seed)
     canonical = {
-        "client": client, "model": model_sha256, "sampling": sampling,
-        "messages": [{"role": m.role, "parts": [p if isinstance(p, str) else _image_id(p)
-                                                for p in m.parts]} for m in messages],
+        "client": client,
+        "model": model_sha256,
+        "sampling": sampling,
+        "messages": [
+            {"role": m.role, "parts": [p if isinstance(p, str) else _image_id(p) for p in m.parts]}
+            for m in messages
+        ],
     }
     raw = json.dumps(canonical, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(raw.encode()).hexdigest()
@@ -85,9 +88,15 @@ class ResponseCache:
             self._items.move_to_end((client, key))
             self.hits += 1
         c = found[1]
-        return replace(c, usage=Usage(prompt_tokens=c.usage.prompt_tokens, completion_tokens=
-                                      c.usage.completion_tokens, image_tokens=c.usage.image_tokens,
-                                      cached_tokens=c.usage.prompt_tokens))
+        return replace(
+            c,
+            usage=Usage(
+                prompt_tokens=c.usage.prompt_tokens,
+                completion_tokens=c.usage.completion_tokens,
+                image_tokens=c.usage.image_tokens,
+                cached_tokens=c.usage.prompt_tokens,
+            ),
+        )
 
     def put(self, client: str, key: str, completion: Completion) -> None:
         """Keep a completion that ended normally; cancelled ones are not answers."""

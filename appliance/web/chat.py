@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, MutableMapping
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, MutableMapping
+from typing import Any, TypeVar, cast
 
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from appliance.engine.scheduler import Job, Prepared, Scheduler
+from appliance.engine.job import Job, Prepared
+from appliance.engine.scheduler import Scheduler
 from appliance.engine.types import Completion, SamplingParams
 from appliance.errors import (
     INTERNAL_ERROR,
     BadRequest,
     ClientClosedRequest,
     ClientError,
+    ContextOverflow,
     ServiceUnavailable,
     UnsupportedMediaType,
 )
@@ -32,20 +35,35 @@ from appliance.security import state as request_states
 from appliance.security.gate import error_body, internal_error_body
 from appliance.security.state import RequestState
 from appliance.web.cache import deterministic, request_key
-from appliance.web.intake import ChatJob, parse_api_chat, parse_openai_chat
+from appliance.web.intake import ChatJob, read_api_chat, read_openai_chat
+from appliance.web.intake_pool import Lease
 from appliance.web.runtime import Runtime, json_response, request_state, runtime
 
 log = logging.getLogger("appliance.web.chat")
+T = TypeVar("T")
 
 
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The one model served here, as OpenAI's model list (scope models)."""
     m = runtime(request).model
-    return json_response({"object": "list", "data": [{
-        "id": m.name, "object": "model", "created": 0, "owned_by": "qwen-appliance",
-        "architecture": m.architecture, "quantization": m.quantization,
-        "sha256": m.model_sha256, "images": m.supports_images}]})
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "qwen-appliance",
+                    "architecture": m.architecture,
+                    "quantization": m.quantization,
+                    "sha256": m.model_sha256,
+                    "images": m.supports_images,
+                }
+            ],
+        }
+    )
 
 
 async def _body(request: Request[Any, Any, Any]) -> Any:
@@ -72,71 +90,112 @@ def _not_json(name: str) -> Any:
 
 
 async def _intake(request: Request[Any, Any, Any], api: bool) -> tuple[Runtime, ChatJob, Job]:
-    """Parse and admit a chat request: answered from the response cache, or tokenized and queued."""
+    """Parse and admit a chat request: answered from the response cache, or decoded, tokenized, queued.
+
+    Reading, decoding and tokenizing hold a slot of the intake pool (bounded, shared fairly between
+    clients). A request whose fewest possible tokens cannot fit, or cannot be paid, is refused before
+    any image is decoded; one refused after decoding or tokenizing is charged what that work cost.
+    """
     rt, state = runtime(request), request_state(request)
     if rt.draining:
         raise ServiceUnavailable("the appliance is shutting down", retry_after=5)
     rt.budgets.check(state.client)  # a spent token budget costs no parsing or tokenizing
     body = await _body(request)
-    parse = parse_api_chat if api else parse_openai_chat
-    started = time.monotonic()
-    job_in = await asyncio.to_thread(parse, body, rt.rules(state.policy))
-    rt.metrics.intake.observe(time.monotonic() - started)
-    rt.metrics.images.inc(len(job_in.images))
-    state.audit = rt.trail.describe_input(job_in.messages, rt.model.model_sha256)
+    read = read_api_chat if api else read_openai_chat
+    rules = rt.rules(state.policy)
+    async with rt.intake.slot(state.client_name or "", state.policy.limits.max_queue) as lease:
+        started = time.monotonic()
+        draft = await lease.run(functools.partial(read, body, rules))
+        rt.budgets.check(state.client, draft.at_least, draft.params.max_tokens)  # before decoding
+        job_in = await _charged(state, rt, draft.at_least, lease.run(draft.decode))
+        rt.metrics.intake.observe(time.monotonic() - started)
+        rt.metrics.images.inc(len(job_in.images))
+        state.audit = rt.trail.describe_input(job_in.messages, rt.model.model_sha256)
+        return rt, job_in, await _answer_or_queue(state, rt, job_in, lease, draft.at_least)
+
+
+async def _answer_or_queue(
+    state: RequestState, rt: Runtime, job_in: ChatJob, lease: Lease, at_least: int
+) -> Job:
+    """The response cache's answer, if the client opted in and it holds one; else the queued job."""
     entry = _cache_entry(state, rt, job_in)
     if entry is not None:
         hit = rt.cache.get(*entry)
         rt.metrics.observe_cache(hit is not None, rt.cache.hit_ratio, len(rt.cache))
         state.audit["cache"] = "hit" if hit is not None else "miss"
         if hit is not None:
-            return rt, job_in, Job.answered(job_in.messages, job_in.params, hit, state.request_id)
-    job = await _queue(state, rt, job_in)
+            return Job.answered(job_in.messages, job_in.params, hit, state.request_id)
+    job = await _queue(state, rt, job_in, lease, at_least)
     if entry is not None:
         job.on_result(lambda c: rt.cache.put(*entry, c))
-    return rt, job_in, job
+    return job
 
 
-async def _queue(state: RequestState, rt: Runtime, job_in: ChatJob) -> Job:
+async def _charged(state: RequestState, rt: Runtime, estimate: int, work: Awaitable[T]) -> T:
+    """Await intake work; a client error it ends in is charged to the client's token budget: the
+    prompt's tokens when they are known (ContextOverflow), else the fewest it could have been."""
+    try:
+        return await work
+    except ClientError as exc:
+        cost = exc.tokens if isinstance(exc, ContextOverflow) else estimate
+        rt.budgets.spend(state.client, cost)
+        state.audit["charged_tokens"] = cost
+        raise
+
+
+async def _queue(state: RequestState, rt: Runtime, job_in: ChatJob, lease: Lease, at_least: int) -> Job:
     """Tokenize beside the engine thread, charge the client's token budget, then queue the job."""
     client = state.client
-    prepared = await _prepare(rt.scheduler, job_in.messages, job_in.params)
+    prepared = await _charged(
+        state, rt, at_least, _prepare(lease, rt.scheduler, job_in.messages, job_in.params)
+    )
     max_tokens = job_in.params.max_tokens
     try:
         rt.budgets.charge(client, prepared.n_tokens, max_tokens)
     except BaseException:
         prepared.close()
+        rt.budgets.spend(client, prepared.n_tokens)  # tokenized, then refused: the work is paid for
+        state.audit["charged_tokens"] = prepared.n_tokens
         raise
     try:
         # the client's name: the prompt cache reuses a slot's full prefix only for the same client
-        job = rt.scheduler.submit(job_in.messages, job_in.params, state.request_id,
-                                  state.client_name or "", stream=job_in.stream, prepared=prepared)
+        job = rt.scheduler.submit(
+            job_in.messages,
+            job_in.params,
+            state.request_id,
+            state.client_name or "",
+            stream=job_in.stream,
+            prepared=prepared,
+        )
     except BaseException:
         prepared.close()
         rt.budgets.refund(client, prepared.n_tokens + max_tokens)
         raise
     n_prompt = prepared.n_tokens
-    job.on_result(lambda c: rt.budgets.refund(
-        client, (0 if job.admitted else n_prompt) + max_tokens - c.usage.completion_tokens))
+    job.on_result(
+        lambda c: rt.budgets.refund(
+            client, (0 if job.admitted else n_prompt) + max_tokens - c.usage.completion_tokens
+        )
+    )
     return job
 
 
-async def _prepare(scheduler: Scheduler, messages: tuple[Any, ...], params: SamplingParams) -> Prepared:
-    """scheduler.prepare in a worker thread; a caller cancelled meanwhile still frees what it made."""
-    future = asyncio.get_running_loop().run_in_executor(None, scheduler.prepare, messages, params)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        future.add_done_callback(lambda f: f.result().close()
-                                 if not f.cancelled() and f.exception() is None else None)
-        raise
+async def _prepare(
+    lease: Lease, scheduler: Scheduler, messages: tuple[Any, ...], params: SamplingParams
+) -> Prepared:
+    """scheduler.prepare on an intake thread; a caller cancelled meanwhile still frees what it made."""
+    return await lease.run(functools.partial(scheduler.prepare, messages, params), orphan=lambda p: p.close())
 
 
 def _cache_entry(state: RequestState, rt: Runtime, job_in: ChatJob) -> tuple[str, str] | None:
     """(client, request key) when the client opted into the response cache and asked deterministically."""
     client = state.client
-    if client is None or not client.cache or not deterministic(job_in.params) \
-            or state.policy.limits.response_cache_entries == 0:
+    if (
+        client is None
+        or not client.cache
+        or not deterministic(job_in.params)
+        or state.policy.limits.response_cache_entries == 0
+    ):
         return None
     return client.name, request_key(client.name, rt.model.model_sha256, job_in.messages, job_in.params)
 
@@ -184,14 +243,21 @@ async def _await_watching(request: Request[Any, Any, Any], job: Job) -> Completi
 
 def _account(state: RequestState, job: Job, c: Completion) -> None:
     """Token counts and queue time for the audit record (never the text)."""
-    state.audit.update(prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
-                       queue_ms=round(job.queue_ms, 1), finish_reason=c.finish_reason)
+    state.audit.update(
+        prompt_tokens=c.usage.prompt_tokens,
+        completion_tokens=c.usage.completion_tokens,
+        queue_ms=round(job.queue_ms, 1),
+        finish_reason=c.finish_reason,
+    )
 
 
 def _usage(c: Completion) -> dict[str, int]:
     u = c.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -202,12 +268,22 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     if job_in.stream:
         return await _sse(rt, job, rid, request)
     c = await _await_watching(request, job)
-    return json_response({
-        "id": rid, "object": "chat.completion", "created": int(time.time()),
-        "model": rt.model.name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                     "finish_reason": c.finish_reason}],
-        "usage": _usage(c)})
+    return json_response(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": rt.model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason,
+                }
+            ],
+            "usage": _usage(c),
+        }
+    )
 
 
 async def _sse(rt: Runtime, job: Job, rid: str, request: Request[Any, Any, Any]) -> Stream:
@@ -224,9 +300,13 @@ async def _sse(rt: Runtime, job: Job, rid: str, request: Request[Any, Any, Any])
         await job.result()  # raises the engine's refusal, if any, as a normal JSON error
 
     def chunk(delta: dict[str, str], finish: str | None, usage: Completion | None = None) -> bytes:
-        obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
-                               "created": int(time.time()), "model": rt.model.name,
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        obj: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": rt.model.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         if usage is not None:
             obj["usage"] = _usage(usage)
         return b"data: " + json.dumps(obj).encode() + b"\n\n"
@@ -252,12 +332,17 @@ async def _sse(rt: Runtime, job: Job, rid: str, request: Request[Any, Any, Any])
         finally:
             job.cancel()  # a client that went away stops its generation
 
-    return Stream(events(), media_type="text/event-stream", status_code=200,
-                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+    return Stream(
+        events(),
+        media_type="text/event-stream",
+        status_code=200,
+        headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+    )
 
 
-_STREAM_AUDIT_DOWN = ServiceUnavailable("the audit trail cannot be written, so this answer is incomplete "
-                                        "and must not be used", retry_after=5)
+_STREAM_AUDIT_DOWN = ServiceUnavailable(
+    "the audit trail cannot be written, so this answer is incomplete and must not be used", retry_after=5
+)
 
 
 def _sse_error(exc: ClientError) -> bytes:
@@ -281,8 +366,9 @@ async def api_chat(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The guide's simple API: one prompt, optionally one image by path under data_dir or base64."""
     rt, _, job = await _intake(request, api=True)
     c = await _await_watching(request, job)
-    return json_response({"response": c.text, "model": rt.model.name, "finish_reason": c.finish_reason,
-                  "usage": _usage(c)})
+    return json_response(
+        {"response": c.text, "model": rt.model.name, "finish_reason": c.finish_reason, "usage": _usage(c)}
+    )
 
 
 HANDLERS = [models, chat_completions, api_chat]

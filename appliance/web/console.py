@@ -15,8 +15,10 @@ from litestar.params import FromPath
 
 from appliance.errors import NotFound
 
-CONSOLE_CSP = ("default-src 'self'; img-src 'self' blob:; connect-src 'self'; script-src 'self'; "
-               "style-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CONSOLE_CSP = (
+    "default-src 'self'; img-src 'self' blob:; connect-src 'self'; script-src 'self'; "
+    "style-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # Litestar adds "; charset=utf-8" to text/* types itself.
 MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png"}
 

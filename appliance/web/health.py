@@ -36,8 +36,9 @@ def not_ready_reasons(policy: Policy, gpu: dict[str, Any], audit_failing: str | 
         reasons.append(f"audit trail not writable: {audit_failing}")
     free = audit_free_mb(policy)
     if free is not None and free < h.min_audit_free_mb:
-        reasons.append(f"audit disk has {free} MB free, below [health] min_audit_free_mb "
-                       f"{h.min_audit_free_mb}")
+        reasons.append(
+            f"audit disk has {free} MB free, below [health] min_audit_free_mb {h.min_audit_free_mb}"
+        )
     reasons += critical_reasons(gpu, h.max_gpu_temp_c, h.fail_on_ecc_uncorrected)
     return reasons
 
@@ -45,23 +46,33 @@ def not_ready_reasons(policy: Policy, gpu: dict[str, Any], audit_failing: str | 
 def host_figures(policy: Policy) -> dict[str, Any]:
     """CPU, memory and disk of the host, from psutil."""
     vm = psutil.virtual_memory()
-    return {"cpu_percent": psutil.cpu_percent(interval=None), "cpu_count": os.cpu_count(),
-            "load_avg": list(os.getloadavg()), "memory_total_mb": vm.total // 2**20,
-            "memory_available_mb": vm.available // 2**20,
-            "process_rss_mb": psutil.Process().memory_info().rss // 2**20,
-            "audit_dir_free_mb": audit_free_mb(policy)}
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_count": os.cpu_count(),
+        "load_avg": list(os.getloadavg()),
+        "memory_total_mb": vm.total // 2**20,
+        "memory_available_mb": vm.available // 2**20,
+        "process_rss_mb": psutil.Process().memory_info().rss // 2**20,
+        "audit_dir_free_mb": audit_free_mb(policy),
+    }
 
 
 def certificates(policy: Policy) -> dict[str, int | None]:
     s = policy.server
-    return {"server_days_left": days_left_in_file(s.tls_cert),
-            "client_ca_days_left": days_left_in_file(s.client_ca)}
+    return {
+        "server_days_left": days_left_in_file(s.tls_cert),
+        "client_ca_days_left": days_left_in_file(s.client_ca),
+    }
 
 
 def policy_facts(policy: Policy, loaded_at: float) -> dict[str, Any]:
-    return {"file": str(policy.file), "sha256": policy.digest, "clients": len(policy.clients),
-            "loaded_at": dt.datetime.fromtimestamp(loaded_at, dt.timezone.utc).isoformat(),
-            "age_s": round(time.time() - loaded_at)}
+    return {
+        "file": str(policy.file),
+        "sha256": policy.digest,
+        "clients": len(policy.clients),
+        "loaded_at": dt.datetime.fromtimestamp(loaded_at, dt.timezone.utc).isoformat(),
+        "age_s": round(time.time() - loaded_at),
+    }
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -83,11 +94,16 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     if reasons:
         return json_response({"status": "not_ready", "reasons": reasons}, 503, {"retry-after": "5"})
     m = rt.model
-    queue = {"waiting": rt.scheduler.waiting, "busy": rt.scheduler.busy,
-             "max": rt.scheduler.max_queue}
-    return json_response({"status": "ready", "model": m.name, "images": m.supports_images, "queue": queue,
-                          "gpu_offload": {"supported": m.gpu_offload_supported,
-                                          "active": m.gpu_offload_active}})
+    queue = {"waiting": rt.scheduler.waiting, "busy": rt.scheduler.busy, "max": rt.scheduler.max_queue}
+    return json_response(
+        {
+            "status": "ready",
+            "model": m.name,
+            "images": m.supports_images,
+            "queue": queue,
+            "gpu_offload": {"supported": m.gpu_offload_supported, "active": m.gpu_offload_active},
+        }
+    )
 
 
 @get("/api/v1/health")
@@ -96,21 +112,47 @@ async def health_report(request: Request[Any, Any, Any]) -> Response[bytes]:
     rt = runtime(request)
     m, gpu = rt.model, rt.gpu_snapshot()
     host = await asyncio.to_thread(host_figures, rt.policy)
-    return json_response({
-        "status": "draining" if rt.draining else "ok",
-        "not_ready": not_ready_reasons(rt.policy, gpu, rt.trail.failing),
-        "engine": {"model": m.name, "architecture": m.architecture, "quantization": m.quantization,
-                   "model_sha256": m.model_sha256, "mmproj_sha256": m.mmproj_sha256,
-                   "images": m.supports_images, "n_ctx": m.n_ctx, "threads": m.threads,
-                   "gpu_offload": {"supported": m.gpu_offload_supported,
-                                   "active": m.gpu_offload_active, "n_gpu_layers": m.n_gpu_layers},
-                   "busy": rt.scheduler.busy},
-        "queue": {"waiting": rt.scheduler.waiting, "max": rt.scheduler.max_queue},
-        "gpu": gpu, "host": host,
-        "audit": {"failing": rt.trail.failing, "dir": str(rt.policy.audit.dir),
-                  "fsync": rt.policy.audit.fsync, "records_failed": rt.trail.audit.failures},
-        "certificates": certificates(rt.policy),
-        "policy": policy_facts(rt.policy, rt.policy_loaded_at)})
+    return json_response(
+        {
+            "status": "draining" if rt.draining else "ok",
+            "not_ready": not_ready_reasons(rt.policy, gpu, rt.trail.failing),
+            "engine": {
+                "model": m.name,
+                "architecture": m.architecture,
+                "quantization": m.quantization,
+                "model_sha256": m.model_sha256,
+                "mmproj_sha256": m.mmproj_sha256,
+                "images": m.supports_images,
+                "n_ctx": m.n_ctx,
+                "threads": m.threads,
+                "gpu_offload": {
+                    "supported": m.gpu_offload_supported,
+                    "active": m.gpu_offload_active,
+                    "n_gpu_layers": m.n_gpu_layers,
+                },
+                "busy": rt.scheduler.busy,
+            },
+            "queue": {
+                "waiting": rt.scheduler.waiting,
+                "max": rt.scheduler.max_queue,
+                "intake": {
+                    "workers": rt.intake.workers,
+                    "busy": rt.intake.busy,
+                    "waiting": rt.intake.waiting,
+                },
+            },
+            "gpu": gpu,
+            "host": host,
+            "audit": {
+                "failing": rt.trail.failing,
+                "dir": str(rt.policy.audit.dir),
+                "fsync": rt.policy.audit.fsync,
+                "records_failed": rt.trail.audit.failures,
+            },
+            "certificates": certificates(rt.policy),
+            "policy": policy_facts(rt.policy, rt.policy_loaded_at),
+        }
+    )
 
 
 @get("/metrics")
@@ -119,7 +161,7 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     rt = runtime(request)
 
     def refresh() -> None:
-        rt.metrics.queue_depth.set(rt.scheduler.waiting)
+        rt.metrics.queue_depth.set(rt.scheduler.waiting + rt.intake.waiting)  # for the engine or intake
         for name, days in certificates(rt.policy).items():
             if days is not None:
                 rt.metrics.cert_days.labels(name.removesuffix("_days_left")).set(days)

@@ -42,7 +42,7 @@ def _matches(route: Route, path: str) -> bool:
     prefix, brace, _ = route.path.partition("{")
     if not brace:
         return route.path == path
-    return path.startswith(prefix) and _ASSET_NAME.fullmatch(path[len(prefix):]) is not None
+    return path.startswith(prefix) and _ASSET_NAME.fullmatch(path[len(prefix) :]) is not None
 
 
 def routes_for(path: str) -> tuple[Route, ...]:

@@ -39,8 +39,22 @@ def pki_dirs(tmp_path: Path, capsys) -> tuple[Path, Path, Path]:  # type: ignore
     """A CA, a server certificate with an extra host, and one client issued by the CLI."""
     ca, tls, clients = tmp_path / "ca", tmp_path / "tls", tmp_path / "clients"
     assert cli(capsys, "cert", "ca", ca, "--cn", "Branch 12 CA")[0] == 0
-    assert cli(capsys, "cert", "server", "--ca-dir", ca, "--out", tls, "--host", "qwen.branch.example",
-               "--host", "10.20.30.5")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "cert",
+            "server",
+            "--ca-dir",
+            ca,
+            "--out",
+            tls,
+            "--host",
+            "qwen.branch.example",
+            "--host",
+            "10.20.30.5",
+        )[0]
+        == 0
+    )
     return ca, tls, clients
 
 
@@ -61,9 +75,11 @@ def test_cert_server_sans_and_modes(pki_dirs) -> None:  # type: ignore[no-untype
     cert = x509.load_pem_x509_certificate((tls / "server.crt").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", socket.gethostname(), "qwen.branch.example"} <= set(
-        sans.get_values_for_type(x509.DNSName))
+        sans.get_values_for_type(x509.DNSName)
+    )
     assert {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.20.30.5")} <= set(
-        sans.get_values_for_type(x509.IPAddress))
+        sans.get_values_for_type(x509.IPAddress)
+    )
     assert "CN=Branch 12 CA" in cert.issuer.rfc4514_string()
 
 
@@ -81,8 +97,9 @@ def test_cert_client_p12_with_generated_password(pki_dirs, capsys, monkeypatch) 
     p_key, p_cert, p_cas = pkcs12.load_key_and_certificates(p12.read_bytes(), password.encode())
     assert p_cert is not None and p_key is not None
     assert p_cert.public_bytes(serialization.Encoding.PEM) == crt.read_bytes()
-    assert [c.subject for c in p_cas] == [x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
-                                         .subject]
+    assert [c.subject for c in p_cas] == [
+        x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes()).subject
+    ]
     with pytest.raises(ValueError):
         pkcs12.load_key_and_certificates(p12.read_bytes(), b"wrong")
 
@@ -92,8 +109,9 @@ def test_cert_client_p12_password_from_env_is_never_printed(pki_dirs, capsys, mo
     monkeypatch.setenv("QWEN_APPLIANCE_P12_PASSWORD", "correct horse battery")
     rc, out, _ = cli(capsys, "cert", "client", "kiosk", "--ca-dir", ca, "--out", clients, "--p12")
     assert rc == 0 and "correct horse" not in out and "$QWEN_APPLIANCE_P12_PASSWORD" in out
-    _, cert, _ = pkcs12.load_key_and_certificates((clients / "kiosk.p12").read_bytes(),
-                                                  b"correct horse battery")
+    _, cert, _ = pkcs12.load_key_and_certificates(
+        (clients / "kiosk.p12").read_bytes(), b"correct horse battery"
+    )
     assert cert is not None
 
 
@@ -148,6 +166,7 @@ def test_certificates_from_the_cli_complete_a_mutual_tls_handshake(pki_dirs, cap
     seen: dict[str, object] = {}
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
+
         def serve() -> None:
             conn, _ = listener.accept()
             with server.wrap_socket(conn, server_side=True) as tls_conn:
@@ -157,8 +176,10 @@ def test_certificates_from_the_cli_complete_a_mutual_tls_handshake(pki_dirs, cap
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
-                client.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        with (
+            socket.create_connection(listener.getsockname(), timeout=10) as raw,
+            client.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+        ):
             assert conn.recv(2) == b"ok"
             server_der = conn.getpeercert(binary_form=True) or b""
         thread.join(10)
@@ -169,8 +190,12 @@ def test_certificates_from_the_cli_complete_a_mutual_tls_handshake(pki_dirs, cap
 def test_client_certificate_from_another_ca_fails_the_handshake(pki_dirs, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     ca, tls, _ = pki_dirs
     assert cli(capsys, "cert", "ca", tmp_path / "other")[0] == 0
-    assert cli(capsys, "cert", "client", "intruder", "--ca-dir", tmp_path / "other",
-               "--out", tmp_path / "intr")[0] == 0
+    assert (
+        cli(capsys, "cert", "client", "intruder", "--ca-dir", tmp_path / "other", "--out", tmp_path / "intr")[
+            0
+        ]
+        == 0
+    )
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(tls / "server.crt", tls / "server.key")
     server.load_verify_locations(cafile=ca / "ca.crt")
@@ -180,6 +205,7 @@ def test_client_certificate_from_another_ca_fails_the_handshake(pki_dirs, capsys
     errors: list[Exception] = []
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
+
         def serve() -> None:
             conn, _ = listener.accept()
             try:
@@ -192,9 +218,11 @@ def test_client_certificate_from_another_ca_fails_the_handshake(pki_dirs, capsys
 
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
-                pytest.raises((ssl.SSLError, ConnectionError)), \
-                client.wrap_socket(raw, server_hostname="localhost") as conn:
+        with (
+            socket.create_connection(listener.getsockname(), timeout=10) as raw,
+            pytest.raises((ssl.SSLError, ConnectionError)),
+            client.wrap_socket(raw, server_hostname="localhost") as conn,
+        ):
             conn.recv(1)  # TLS 1.3: the server's refusal arrives after the client's handshake
         thread.join(10)
     assert errors and "certificate" in str(errors[0]).lower()
@@ -208,8 +236,9 @@ def test_pki_validity_window() -> None:
     assert leaf.cert.not_valid_after_utc == start + dt.timedelta(days=10)
     server = pki.new_server_cert(ca, [], 5, valid_from=dt.datetime(2020, 1, 1))  # naive means UTC
     assert server.cert.not_valid_after_utc == dt.datetime(2020, 1, 6, tzinfo=dt.timezone.utc)
-    assert pki.fingerprint(leaf.cert) == hashlib.sha256(
-        leaf.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert (
+        pki.fingerprint(leaf.cert)
+        == hashlib.sha256(leaf.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    )
     with pytest.raises(ValueError):
         pki.new_client_cert(ca, "none", days=0)
-

@@ -15,8 +15,17 @@ def test_doctor_on_a_good_and_a_broken_setup(tmp_path: Path, tiny_model: TinyMod
     setup = make_setup(tmp_path / "s", tiny_model, free_port())
     good = run_cli("doctor", "--policy", str(setup.policy))
     assert good.returncode == 0, good.stdout
-    for check in ("policy valid", "file permissions", "certificates", "model files", "audit directory",
-                  "listen port", "llama.cpp build", "GPU (NVML)", "clock"):
+    for check in (
+        "policy valid",
+        "file permissions",
+        "certificates",
+        "model files",
+        "audit directory",
+        "listen port",
+        "llama.cpp build",
+        "GPU (NVML)",
+        "clock",
+    ):
         assert check in good.stdout
     assert "matches its pinned SHA-256" in good.stdout and "0 failed" in good.stdout
     monitor = GpuMonitor()  # the box's own answer: a GPU box passes this check, a GPU-less one warns

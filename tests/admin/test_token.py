@@ -51,18 +51,39 @@ def test_create_prints_token_once_and_appends_only_its_digest(setup: InitResult,
     after = setup.policy.read_text()
     assert after.startswith(before)  # every byte the admin had is still there, in place
     assert token not in after and token_digest(token) in after
-    added = after[len(before):]
-    assert added == f'\n[[clients]]\nname = "teller-03"\ntoken_sha256 = "{token_digest(token)}"\n' \
-                   'scopes = ["chat"]\n'
+    added = after[len(before) :]
+    assert (
+        added == f'\n[[clients]]\nname = "teller-03"\ntoken_sha256 = "{token_digest(token)}"\n'
+        'scopes = ["chat"]\n'
+    )
     client = find_client(load_policy(setup.policy).clients, token)
     assert client is not None and client.name == "teller-03" and client.scopes == {"chat"}
 
 
 def test_create_with_every_option_is_what_load_policy_sees(setup: InitResult, capsys) -> None:  # type: ignore[no-untyped-def]
-    got = create(capsys, setup.policy, "teller-04", "--scope", "chat", "--scope", "models",
-                 "--expires", "2031-03-01", "--allow", "127.0.0.1", "--allow", "::1/128",
-                 "--cert-cn", "teller-04", "--cert-sha256", FP, "--rate", "60/minute",
-                 "--max-concurrent", "2")
+    got = create(
+        capsys,
+        setup.policy,
+        "teller-04",
+        "--scope",
+        "chat",
+        "--scope",
+        "models",
+        "--expires",
+        "2031-03-01",
+        "--allow",
+        "127.0.0.1",
+        "--allow",
+        "::1/128",
+        "--cert-cn",
+        "teller-04",
+        "--cert-sha256",
+        FP,
+        "--rate",
+        "60/minute",
+        "--max-concurrent",
+        "2",
+    )
     assert got["name"] == "teller-04" and got["scopes"] == ["chat", "models"]
     assert got["expires"] == "2031-03-01"
     text = setup.policy.read_text()
@@ -84,27 +105,31 @@ def test_expires_in_days_counts_from_today_utc(setup: InitResult, capsys) -> Non
     assert got["expires"] == (TODAY + dt.timedelta(days=90)).isoformat()
 
 
-@pytest.mark.parametrize(("args", "key"), [
-    (["client-01"], "clients.name"),  # init's client: duplicate
-    (["bad name"], "clients.name"),
-    ([".x"], "clients.name"),
-    (["x" * 65], "clients.name"),
-    (["ok\n"], "clients.name"),
-    (["ok", "--scope", "root"], "clients.scopes"),
-    (["ok", "--allow", "10.0.0.300/24"], "clients.allow"),
-    (["ok", "--allow", "127.0.0.1/8"], "clients.allow"),  # host bits set
-    (["ok", "--expires", "2027-02-30"], "clients.expires"),
-    (["ok", "--expires", "soon"], "clients.expires"),
-    (["ok", "--expires", "0d"], "clients.expires"),
-    (["ok", "--expires", "2020-01-01"], "clients.expires"),
-    (["ok", "--rate", "60/fortnight"], "clients.rate"),
-    (["ok", "--rate", "0/minute"], "clients.rate"),
-    (["ok", "--rate", "fast"], "clients.rate"),
-    (["ok", "--cert-sha256", "abc"], "clients.cert_sha256"),
-    (["ok", "--max-concurrent", "0"], "clients.max_concurrent"),
-])
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["client-01"], "clients.name"),  # init's client: duplicate
+        (["bad name"], "clients.name"),
+        ([".x"], "clients.name"),
+        (["x" * 65], "clients.name"),
+        (["ok\n"], "clients.name"),
+        (["ok", "--scope", "root"], "clients.scopes"),
+        (["ok", "--allow", "10.0.0.300/24"], "clients.allow"),
+        (["ok", "--allow", "127.0.0.1/8"], "clients.allow"),  # host bits set
+        (["ok", "--expires", "2027-02-30"], "clients.expires"),
+        (["ok", "--expires", "soon"], "clients.expires"),
+        (["ok", "--expires", "0d"], "clients.expires"),
+        (["ok", "--expires", "2020-01-01"], "clients.expires"),
+        (["ok", "--rate", "60/fortnight"], "clients.rate"),
+        (["ok", "--rate", "0/minute"], "clients.rate"),
+        (["ok", "--rate", "fast"], "clients.rate"),
+        (["ok", "--cert-sha256", "abc"], "clients.cert_sha256"),
+        (["ok", "--max-concurrent", "0"], "clients.max_concurrent"),
+    ],
+)
 def test_create_refusals_name_file_and_key_and_leave_file_alone(  # type: ignore[no-untyped-def]
-        setup: InitResult, capsys, args: list[str], key: str) -> None:
+    setup: InitResult, capsys, args: list[str], key: str
+) -> None:
     before = setup.policy.read_bytes()
     rc, out, err = cli(capsys, "token", "create", *args, "--policy", setup.policy)
     assert rc == 2 and out == ""  # no token is shown for a client that was not added
@@ -113,10 +138,10 @@ def test_create_refusals_name_file_and_key_and_leave_file_alone(  # type: ignore
 
 
 def test_create_refused_by_load_policy_keeps_old_file_and_leaves_no_temp(  # type: ignore[no-untyped-def]
-        setup: InitResult, capsys) -> None:
+    setup: InitResult, capsys
+) -> None:
     before = setup.policy.read_bytes()
-    rc, out, err = cli(capsys, "token", "create", "far", "--allow", "10.9.0.0/16", "--policy",
-                       setup.policy)
+    rc, out, err = cli(capsys, "token", "create", "far", "--allow", "10.9.0.0/16", "--policy", setup.policy)
     assert rc == 2 and out == ""
     assert "outside [server] allow" in err and str(setup.policy) in err and "not changed" in err
     assert setup.policy.read_bytes() == before
@@ -133,9 +158,26 @@ def test_create_refuses_a_policy_others_can_write_and_keeps_mode(setup: InitResu
 
 
 def test_create_via_subprocess(setup: InitResult) -> None:
-    proc = subprocess.run([sys.executable, "-m", "appliance", "token", "create", "sub", "--json",
-                           "--scope", "models", "--policy", str(setup.policy)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "token",
+            "create",
+            "sub",
+            "--json",
+            "--scope",
+            "models",
+            "--policy",
+            str(setup.policy),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     assert got["scopes"] == ["models"] and got["expires"] is None
@@ -146,11 +188,24 @@ def test_create_via_subprocess(setup: InitResult) -> None:
 
 
 def test_list_shows_bindings_and_expiry_but_no_secret(setup: InitResult, capsys) -> None:  # type: ignore[no-untyped-def]
-    token = create(capsys, setup.policy, "bound", "--cert-cn", "bound", "--cert-sha256", FP,
-                   "--allow", "127.0.0.0/24", "--rate", "5/second")["token"]
+    token = create(
+        capsys,
+        setup.policy,
+        "bound",
+        "--cert-cn",
+        "bound",
+        "--cert-sha256",
+        FP,
+        "--allow",
+        "127.0.0.0/24",
+        "--rate",
+        "5/second",
+    )["token"]
     with setup.policy.open("a") as f:  # an old client, past its date and switched off
-        f.write(f'\n[[clients]]\nname = "old"\ntoken_sha256 = "{"c" * 64}"\nexpires = 2020-01-01\n'
-                "disabled = true\n")
+        f.write(
+            f'\n[[clients]]\nname = "old"\ntoken_sha256 = "{"c" * 64}"\nexpires = 2020-01-01\n'
+            "disabled = true\n"
+        )
     rc, out, _ = cli(capsys, "token", "list", "--policy", setup.policy)
     assert rc == 0
     lines = {line.split()[0]: line for line in out.splitlines()}
@@ -170,7 +225,7 @@ def test_revoke_removes_only_that_table(setup: InitResult, capsys) -> None:  # t
     create(capsys, setup.policy, "a")
     with_a = setup.policy.read_text()
     create(capsys, setup.policy, "b")
-    b_table = setup.policy.read_text()[len(with_a):]
+    b_table = setup.policy.read_text()[len(with_a) :]
     rc, out, _ = cli(capsys, "token", "revoke", "a", "--policy", setup.policy)
     assert rc == 0 and "systemctl reload qwen-appliance" in out
     assert setup.policy.read_text() == original + b_table
@@ -181,16 +236,19 @@ def test_revoke_removes_only_that_table(setup: InitResult, capsys) -> None:  # t
 
 def test_revoke_keeps_the_admins_comments_around_other_tables(setup: InitResult, capsys) -> None:  # type: ignore[no-untyped-def]
     create(capsys, setup.policy, "a")
-    text = setup.policy.read_text().replace('[[clients]]\nname = "a"',
-                                            '# teller a, ticket 4711\n[[clients]]\nname = "a"')
-    text += '\n# kept: about the future\n\n# teller b\n[[clients]]\nname = "b"\n' \
-            f'token_sha256 = "{"d" * 64}"\nscopes = ["chat",\n  "models"]   # two\n'
+    text = setup.policy.read_text().replace(
+        '[[clients]]\nname = "a"', '# teller a, ticket 4711\n[[clients]]\nname = "a"'
+    )
+    text += (
+        '\n# kept: about the future\n\n# teller b\n[[clients]]\nname = "b"\n'
+        f'token_sha256 = "{"d" * 64}"\nscopes = ["chat",\n  "models"]   # two\n'
+    )
     setup.policy.write_text(text)
     assert cli(capsys, "token", "revoke", "a", "--policy", setup.policy)[0] == 0
     after = setup.policy.read_text()
     assert "ticket 4711" not in after and 'name = "a"' not in after
     a_end = text.index('scopes = ["chat"]\n', text.index('name = "a"')) + len('scopes = ["chat"]\n')
-    assert after == text[:text.index("\n# teller a")] + text[a_end:]
+    assert after == text[: text.index("\n# teller a")] + text[a_end:]
     assert cli(capsys, "token", "revoke", "b", "--policy", setup.policy)[0] == 0
     assert "# kept: about the future" in setup.policy.read_text()
     assert "# teller b" not in setup.policy.read_text()
@@ -200,11 +258,12 @@ def test_revoke_leaves_a_comment_glued_to_the_next_table(setup: InitResult, caps
     original = setup.policy.read_text()
     create(capsys, setup.policy, "a")
     create(capsys, setup.policy, "b")
-    text = setup.policy.read_text().replace('\n\n[[clients]]\nname = "b"',
-                                            '\n# teller b\n[[clients]]\nname = "b"')
+    text = setup.policy.read_text().replace(
+        '\n\n[[clients]]\nname = "b"', '\n# teller b\n[[clients]]\nname = "b"'
+    )
     setup.policy.write_text(text)
     assert cli(capsys, "token", "revoke", "a", "--policy", setup.policy)[0] == 0
-    assert setup.policy.read_text() == original + "\n" + text[text.index("# teller b"):]
+    assert setup.policy.read_text() == original + "\n" + text[text.index("# teller b") :]
 
 
 def test_revoke_refusals(setup: InitResult, capsys) -> None:  # type: ignore[no-untyped-def]

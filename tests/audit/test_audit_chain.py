@@ -37,8 +37,12 @@ def make_key(tmp_path: Path) -> None:
 
 def make_log(tmp_path: Path, clock: Clock, rotate: int = 4096, days: int = 30) -> AuditLog:
     make_key(tmp_path)
-    log = AuditLog(AuditPolicy.with_defaults(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k",
-                                             rotate_bytes=rotate, retention_days=days), clock=clock)
+    log = AuditLog(
+        AuditPolicy.with_defaults(
+            dir=tmp_path / "audit", hmac_key_file=tmp_path / "k", rotate_bytes=rotate, retention_days=days
+        ),
+        clock=clock,
+    )
     log.open()
     return log
 
@@ -179,7 +183,7 @@ def test_retention_deletes_and_records_and_chain_still_verifies(tmp_path: Path) 
 def test_control_characters_never_reach_the_file(tmp_path: Path) -> None:
     clock = Clock()
     log = make_log(tmp_path, clock)
-    log.write("request", reason="evil\n{\"event\":\"forged\"}\x1b[31m\u2028x", route="/a\rb")
+    log.write("request", reason='evil\n{"event":"forged"}\x1b[31m\u2028x', route="/a\rb")
     log.close()
     text = list_files(tmp_path / "audit")[0].read_text()
     assert "forged" in text and text.count("\n") == 3  # three records: the start, the request, the seal
@@ -199,14 +203,19 @@ def test_verify_cli_exit_codes(trail: Path, capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.parametrize("kind", ["journald", "syslog"])
 def test_records_are_forwarded_to_a_local_socket(tmp_path: Path, kind: str) -> None:
     import socket
+
     sink_path = tmp_path / "sink.sock"
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sink.bind(str(sink_path))
     sink.settimeout(5)
     clock = Clock()
     make_key(tmp_path)
-    log = AuditLog(AuditPolicy.with_defaults(dir=tmp_path / "audit", hmac_key_file=tmp_path / "k",
-                                             forward=kind, forward_socket=sink_path), clock=clock)
+    log = AuditLog(
+        AuditPolicy.with_defaults(
+            dir=tmp_path / "audit", hmac_key_file=tmp_path / "k", forward=kind, forward_socket=sink_path
+        ),
+        clock=clock,
+    )
     log.open()
     log.write("request", request_id="abc", client="teller-03", status=401, reason="authentication_error")
     assert '"event":"audit.start"' in sink.recv(65536).decode()  # the start is forwarded too

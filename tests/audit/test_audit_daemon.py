@@ -33,10 +33,13 @@ def test_every_request_and_refusal_is_recorded(daemon_factory: DaemonFactory) ->
     d = daemon_factory()
     seen: dict[str, int] = {}
     with d.client() as c:
-        for r in (c.post("/v1/chat/completions", json=CHAT),
-                  c.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer x"}),
-                  c.post("/v1/chat/completions", json={"messages": "no"}),
-                  c.get("/nowhere"), c.get("/healthz")):
+        for r in (
+            c.post("/v1/chat/completions", json=CHAT),
+            c.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer x"}),
+            c.post("/v1/chat/completions", json={"messages": "no"}),
+            c.get("/nowhere"),
+            c.get("/healthz"),
+        ):
             seen[r.headers["x-request-id"]] = r.status_code
         with c.stream("POST", "/v1/chat/completions", json=dict(CHAT, stream=True)) as s:
             list(s.iter_lines())
@@ -67,19 +70,33 @@ def png_with_text(marker: str) -> bytes:
 
 def test_canaries_never_written_anywhere(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory()
-    marks = {k: f"CANARY{k.upper()}{random.randrange(10**9)}" for k in ("prompt", "system", "image",
-                                                                        "token", "api", "reply")}
+    marks = {
+        k: f"CANARY{k.upper()}{random.randrange(10**9)}"
+        for k in ("prompt", "system", "image", "token", "api", "reply")
+    }
     image = png_with_text(marks["image"])
     with d.client() as c:
-        r = c.post("/v1/chat/completions", json={"max_tokens": 4, "messages": [
-            {"role": "system", "content": marks["system"]},
-            {"role": "user", "content": [{"type": "text", "text": marks["prompt"]},
-                                         {"type": "image_url", "image_url": {"url": data_uri(image)}}]},
-            {"role": "assistant", "content": marks["reply"]}, {"role": "user", "content": "ok"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "max_tokens": 4,
+                "messages": [
+                    {"role": "system", "content": marks["system"]},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": marks["prompt"]},
+                            {"type": "image_url", "image_url": {"url": data_uri(image)}},
+                        ],
+                    },
+                    {"role": "assistant", "content": marks["reply"]},
+                    {"role": "user", "content": "ok"},
+                ],
+            },
+        )
         assert r.status_code == 200
         assert c.post("/api/v1/chat", json={"prompt": marks["api"], "max_tokens": 2}).status_code == 200
-        bad = c.post("/v1/chat/completions", json=CHAT,
-                     headers={"authorization": f"Bearer {marks['token']}"})
+        bad = c.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {marks['token']}"})
         assert bad.status_code == 401
     assert d.stop() == 0
     written = [p for p in d.setup.policy.parent.rglob("*") if p.is_file()] + [d.log_path]
@@ -96,15 +113,29 @@ def test_audit_hmac_finds_a_known_prompt_and_image(daemon_factory: DaemonFactory
     image = png_bytes((1, 2, 3))
     (tmp_path / "doc.png").write_bytes(image)
     with d.client() as c:
-        r = c.post("/api/v1/chat", json={"prompt": "Quarterly risk of client 4711",
-                                         "image": base64.b64encode(image).decode(), "max_tokens": 2})
+        r = c.post(
+            "/api/v1/chat",
+            json={
+                "prompt": "Quarterly risk of client 4711",
+                "image": base64.b64encode(image).decode(),
+                "max_tokens": 2,
+            },
+        )
     rid = r.headers["x-request-id"]
     rec = by_request(records(d))[rid][0]
     policy = str(d.setup.policy)
-    text = subprocess.run([sys.executable, "-m", "appliance", "audit", "hmac", "--policy", policy],
-                          input=b"Quarterly risk of client 4711", capture_output=True, cwd=ROOT)
-    img = subprocess.run([sys.executable, "-m", "appliance", "audit", "hmac", "--policy", policy,
-                          "--image"], input=image, capture_output=True, cwd=ROOT)
+    text = subprocess.run(
+        [sys.executable, "-m", "appliance", "audit", "hmac", "--policy", policy],
+        input=b"Quarterly risk of client 4711",
+        capture_output=True,
+        cwd=ROOT,
+    )
+    img = subprocess.run(
+        [sys.executable, "-m", "appliance", "audit", "hmac", "--policy", policy, "--image"],
+        input=image,
+        capture_output=True,
+        cwd=ROOT,
+    )
     assert text.stdout.decode().strip() == rec["prompt_hmac"]
     assert img.stdout.decode().strip() == rec["image_hmac"][0]
     assert rec["images"] == [{"width": 64, "height": 64, "bytes": len(image), "format": "PNG"}]
@@ -123,8 +154,7 @@ def test_full_disk_refuses_then_recovers(daemon_factory: DaemonFactory) -> None:
             assert "audit" in r.json()["error"]["message"] and "choices" not in r.text
         ready = c.get("/readyz")
         assert ready.status_code == 503
-        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
-                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         assert wait_for(lambda: c.get("/readyz").status_code == 200)
         r = c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 200
@@ -147,6 +177,7 @@ def test_audit_dir_unusable_at_start(tmp_path: Path, tiny_model: TinyModel) -> N
 def test_sigkill_at_random_moments_keeps_the_chain(tmp_path: Path, tiny_model: TinyModel) -> None:
     """20 crash cycles under load: every line parses, the chain verifies, every 200 is in the log."""
     from conftest import start_daemon
+
     port = free_port()
     setup = make_setup(tmp_path / "s", tiny_model, port)
     acknowledged: list[str] = []
@@ -192,19 +223,29 @@ def test_sigkill_at_random_moments_keeps_the_chain(tmp_path: Path, tiny_model: T
     assert sum(1 for x in recs if x["event"] == "audit.repair") == 4
 
 
-def test_a_broken_socket_unit_stops_start_up_with_the_trail_sealed(tmp_path: Path,
-                                                                   tiny_model: TinyModel) -> None:
+def test_a_broken_socket_unit_stops_start_up_with_the_trail_sealed(
+    tmp_path: Path, tiny_model: TinyModel
+) -> None:
     """Issue 12: LISTEN_FDS naming a file, not a socket, ends in exit 2 with a hint, never a traceback with
     the trail unsealed (ListenFdsError is a SetupError, so start-up writes daemon.stop and the seal)."""
     setup = make_setup(tmp_path / "s", tiny_model, free_port())
-    script = (f"exec 3</dev/null; export LISTEN_PID=$$ LISTEN_FDS=1; exec {sys.executable} -m appliance "
-              f"serve --policy {setup.policy}")
+    script = (
+        f"exec 3</dev/null; export LISTEN_PID=$$ LISTEN_FDS=1; exec {sys.executable} -m appliance "
+        f"serve --policy {setup.policy}"
+    )
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "fd 3 from systemd is not a socket" in r.stderr and "hint" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     checked = run_cli("audit", "verify", "--policy", str(setup.policy), "--expect-sealed")
     assert checked.returncode == 0, checked.stderr
-    stop = [x for x in (json.loads(line) for p in list_files(setup.policy.parent / "audit")
-                        for line in p.read_bytes().splitlines()) if x["event"] == "daemon.stop"]
+    stop = [
+        x
+        for x in (
+            json.loads(line)
+            for p in list_files(setup.policy.parent / "audit")
+            for line in p.read_bytes().splitlines()
+        )
+        if x["event"] == "daemon.stop"
+    ]
     assert stop and "not a socket" in stop[-1]["reason"]

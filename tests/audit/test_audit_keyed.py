@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,14 +51,21 @@ def key_file(root: Path) -> Path:
 
 def run(root: Path, clock: Clock, n: int, sealed: bool = True, rotate: int = 3000) -> None:
     """One daemon run: start, n requests from two clients (mallory's refused), then a seal or a crash."""
-    log = AuditLog(AuditPolicy.with_defaults(dir=root / "audit", hmac_key_file=key_file(root),
-                                             rotate_bytes=rotate), clock=clock)
+    log = AuditLog(
+        AuditPolicy.with_defaults(dir=root / "audit", hmac_key_file=key_file(root), rotate_bytes=rotate),
+        clock=clock,
+    )
     log.open()
     for i in range(n):
         clock.now += 1
         who = "mallory" if i % 3 == 0 else "alice"
-        log.write("request", request_id=f"{clock.now:.0f}{i:04d}", client=who, route="/v1/chat/completions",
-                  status=403 if who == "mallory" else 200)
+        log.write(
+            "request",
+            request_id=f"{clock.now:.0f}{i:04d}",
+            client=who,
+            route="/v1/chat/completions",
+            status=403 if who == "mallory" else 200,
+        )
     if sealed:
         log.close()
     else:
@@ -162,8 +171,12 @@ def legacy_trail(root: Path, n: int) -> None:
     lines, prev = [], GENESIS
     for i in range(1, n + 1):
         event = "audit.seal" if i == n else "request"
-        rec: dict[str, Any] = {"ts": f"2026-11-01T00:00:{i:02d}.000Z", "seq": i, "event": event,
-                               "status": 200}
+        rec: dict[str, Any] = {
+            "ts": f"2026-11-01T00:00:{i:02d}.000Z",
+            "seq": i,
+            "event": event,
+            "status": 200,
+        }
         if i == n:
             rec.update(reason="shutdown", file_records=n)
         rec["prev"] = prev
@@ -184,8 +197,11 @@ def test_legacy_trail_is_verified_as_legacy_and_the_upgrade_commits_to_it(tmp_pa
     assert r.ok, r.problem
     assert r.legacy == 6 and any("legacy" in n for n in r.notes)
     old = list_files(tmp_path / "audit")[0]  # rewriting the legacy part breaks the first keyed link
-    old.write_bytes(old.read_bytes().replace(b'"seq":3,"event":"request","status":200',
-                                             b'"seq":3,"event":"request","status":201'))
+    old.write_bytes(
+        old.read_bytes().replace(
+            b'"seq":3,"event":"request","status":200', b'"seq":3,"event":"request","status":201'
+        )
+    )
     legacy = [json.loads(x) for x in old.read_bytes().splitlines()]
     prev, lines = GENESIS, []
     for rec in legacy:
@@ -230,8 +246,9 @@ def test_deleting_the_newest_run_needs_a_known_point(root: Path, capsys: pytest.
     audit = root / "audit"
     whole = verify(audit, key(root), expect=Expect(sealed=True))
     assert whole.last_seq is not None and whole.last_ts is not None
-    last_start = max(p for p, r in all_records(audit) if r["event"] == "audit.start"
-                     and r.get("previous_sealed"))
+    last_start = max(
+        p for p, r in all_records(audit) if r["event"] == "audit.start" and r.get("previous_sealed")
+    )
     for p in list_files(audit):
         if p >= last_start:
             p.unlink()  # every file of the last clean run
@@ -283,9 +300,12 @@ def test_a_rotation_cut_short_is_finished_first_and_no_closed_descriptor_is_used
     import datetime as dt
 
     from appliance.audit.log import AuditUnavailable
+
     clock = Clock()
-    log = AuditLog(AuditPolicy.with_defaults(dir=tmp_path / "audit", hmac_key_file=key_file(tmp_path),
-                                             rotate_bytes=600), clock=clock)
+    log = AuditLog(
+        AuditPolicy.with_defaults(dir=tmp_path / "audit", hmac_key_file=key_file(tmp_path), rotate_bytes=600),
+        clock=clock,
+    )
     log.open()
     log.write("request", status=200, route="/x" * 200)  # past rotate_bytes: the next write rotates
     clock.now += 1
@@ -300,8 +320,40 @@ def test_a_rotation_cut_short_is_finished_first_and_no_closed_descriptor_is_used
     log.write("request", status=201)
     log.close()
     recs = all_records(tmp_path / "audit")
-    assert [r["event"] for _, r in recs] == ["audit.start", "request", "audit.seal", "audit.rotate",
-                                             "request", "audit.seal"]
+    assert [r["event"] for _, r in recs] == [
+        "audit.start",
+        "request",
+        "audit.seal",
+        "audit.rotate",
+        "request",
+        "audit.seal",
+    ]
     assert recs[3][1]["previous_file"] == recs[0][0].name and recs[4][1]["status"] == 201
     r = verify(tmp_path / "audit", key(tmp_path), expect=Expect(sealed=True))
     assert r.ok, r.problem
+
+
+def test_a_known_point_with_its_mac_survives_seq_numbers_written_again(
+    root: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found after issue 11: delete the newest run while stopped, and the next start writes the same seq
+    numbers again, so SEQ and TIME known points pass; the MAC noted with the seq cannot be re-created."""
+    audit = root / "audit"
+    with caplog.at_level(logging.INFO, logger="appliance.audit.log"):
+        run(root, Clock(start=1_796_000_000.0), 5)  # the admin notes the stop line's known point
+    point = re.search(r"--expect-through (\d+:[0-9a-f]{16})", caplog.text)
+    assert point, caplog.text
+    seq = int(point.group(1).split(":")[0])
+    last_start = max(p for p, r in all_records(audit) if r["event"] == "audit.start")
+    for p in list_files(audit):
+        if p >= last_start:
+            p.unlink()
+    run(
+        root, Clock(start=1_797_000_000.0), 12
+    )  # the next start re-uses the deleted seq numbers and passes them
+    args = ["audit", "verify", str(audit), "--key", str(root / "audit.key"), "--expect-sealed"]
+    assert main([*args, "--expect-through", str(seq)]) == 0  # a bare seq is fooled: the residual risk
+    capsys.readouterr()
+    assert main([*args, "--expect-through", point.group(1)]) == 2
+    assert f"record at seq {seq} is not the known point" in capsys.readouterr().err
+    assert main([*args, "--expect-through", f"{seq}:XYZ"]) == 2

@@ -27,16 +27,25 @@ from appliance.admin.init import InitResult
 from appliance.audit.log import list_files, load_hmac_key
 from appliance.audit.verify import verify
 
-STREAM = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 6, "temperature": 0,
-          "stream": True}
+STREAM = {
+    "messages": [{"role": "user", "content": "count"}],
+    "max_tokens": 6,
+    "temperature": 0,
+    "stream": True,
+}
 NO_LIMIT = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 
 
 def start_piped(setup: InitResult, port: int, log_path: Path, timeout: float = 60) -> Daemon:
     """The real daemon, its stdout and stderr copied into log_path by this process (no file-size limit)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--policy", str(setup.policy)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--policy", str(setup.policy)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
 
     def copy() -> None:
         assert proc.stdout is not None
@@ -75,8 +84,11 @@ def audit_lines(d: Daemon) -> list[bytes]:
 
 
 def events_of(lines: list[str]) -> list[Any]:
-    return [x[len("data: "):] if x == "data: [DONE]" else json.loads(x[len("data: "):])
-            for x in lines if x.startswith("data: ")]
+    return [
+        x[len("data: ") :] if x == "data: [DONE]" else json.loads(x[len("data: ") :])
+        for x in lines
+        if x.startswith("data: ")
+    ]
 
 
 def stream(d: Daemon) -> tuple[str, list[Any]]:
@@ -127,8 +139,11 @@ def test_client_gone_while_the_disk_is_full_raises_nothing_into_uvicorn(piped: D
     audit_file = list_files(d.setup.policy.parent / "audit")[-1]
     rid, _ = stream(d)
     request_len = len(by_id(d, rid)["request"]) + 1
-    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
-                     (audit_file.stat().st_size + request_len + 20, resource.RLIM_INFINITY))
+    resource.prlimit(
+        d.proc.pid,
+        resource.RLIMIT_FSIZE,
+        (audit_file.stat().st_size + request_len + 20, resource.RLIM_INFINITY),
+    )
     body = dict(STREAM, max_tokens=200)
     with d.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as s:
         assert s.status_code == 200  # its request record fits, nothing after it does

@@ -38,9 +38,16 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("client")
     port = free_port()
-    setup = make_setup(root / "setup", tiny_model, port, {
-        **LONG_EDITS, "max_queue = 16": "max_queue = 1",
-        "max_image_bytes = 10_000_000": f"max_image_bytes = {SERVER_IMAGE_LIMIT}"})
+    setup = make_setup(
+        root / "setup",
+        tiny_model,
+        port,
+        {
+            **LONG_EDITS,
+            "max_queue = 16": "max_queue = 1",
+            "max_image_bytes = 10_000_000": f"max_image_bytes = {SERVER_IMAGE_LIMIT}",
+        },
+    )
     text = setup.policy.read_text()  # one engine slot, so a second request waits (if batching exists)
     setup.policy.write_text(text.replace("parallel = 4", "parallel = 1"))
     no_chat = add_client(setup.policy, "reader", scopes=("models",))
@@ -52,22 +59,45 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> Iter
         d.stop()
 
 
-def profile(env: Env, name: str, token: str | None = None, cert: bool = True,
-            cert_files: tuple[Path, Path] | None = None, ca: Path | None = None) -> Path:
+def profile(
+    env: Env,
+    name: str,
+    token: str | None = None,
+    cert: bool = True,
+    cert_files: tuple[Path, Path] | None = None,
+    ca: Path | None = None,
+) -> Path:
     """Write a profile file directly (`client setup` itself is tested once, through the CLI)."""
     s = env.daemon.setup
     crt, key = cert_files or (s.client_cert, s.client_key)
     path = env.root / "profiles" / f"{name}.toml"
-    save_profile(path, Profile(name="default", server=env.daemon.url, token=token or s.token,
-                               ca=ca or s.ca_cert, cert=crt if cert else None, key=key if cert else None))
+    save_profile(
+        path,
+        Profile(
+            name="default",
+            server=env.daemon.url,
+            token=token or s.token,
+            ca=ca or s.ca_cert,
+            cert=crt if cert else None,
+            key=key if cert else None,
+        ),
+    )
     return path
 
 
-def cli(*args: str, stdin: str | None = None, env_vars: dict[str, str] | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env_vars or {})},
-                          stdin=None if stdin is not None else subprocess.DEVNULL)
+def cli(
+    *args: str, stdin: str | None = None, env_vars: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env_vars or {})},
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
 
 
 def ask(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -99,9 +129,20 @@ def noise_png(path: Path, side: int) -> Path:
 def test_setup_reads_token_from_stdin_and_writes_a_private_profile(env: Env, tmp_path: Path) -> None:
     s = env.daemon.setup
     xdg = tmp_path / "xdg"
-    r = cli("client", "setup", "--server", env.daemon.url, "--ca", str(s.ca_cert), "--cert",
-            str(s.client_cert), "--key", str(s.client_key), stdin=s.token + "\n",
-            env_vars={"XDG_CONFIG_HOME": str(xdg)})
+    r = cli(
+        "client",
+        "setup",
+        "--server",
+        env.daemon.url,
+        "--ca",
+        str(s.ca_cert),
+        "--cert",
+        str(s.client_cert),
+        "--key",
+        str(s.client_key),
+        stdin=s.token + "\n",
+        env_vars={"XDG_CONFIG_HOME": str(xdg)},
+    )
     assert r.returncode == 0, r.stderr
     path = xdg / "qwen-appliance" / "client.toml"
     assert path.stat().st_mode & 0o777 == 0o600
@@ -121,8 +162,18 @@ def test_setup_with_pkcs12_and_bad_inputs(env: Env, tmp_path: Path) -> None:
     p12 = tmp_path / "staff.p12"
     p12.write_bytes(pki.pkcs12_bytes(pki.new_client_cert(ca, "staff"), ca.cert, "staff", "s3cret"))
     config = tmp_path / "client.toml"
-    base = ("client", "setup", "--server", env.daemon.url, "--ca", str(tls / "ca.crt"),
-            "--config", str(config), "--profile", "branch")
+    base = (
+        "client",
+        "setup",
+        "--server",
+        env.daemon.url,
+        "--ca",
+        str(tls / "ca.crt"),
+        "--config",
+        str(config),
+        "--profile",
+        "branch",
+    )
     wrong = cli(*base, "--p12", str(p12), stdin=env.daemon.setup.token + "\nnope\n")
     assert wrong.returncode == 2 and "wrong password" in one_line(wrong) and not config.exists()
     r = cli(*base, "--p12", str(p12), stdin=env.daemon.setup.token + "\ns3cret\n")
@@ -131,8 +182,9 @@ def test_setup_with_pkcs12_and_bad_inputs(env: Env, tmp_path: Path) -> None:
     assert answered.returncode == 0, answered.stderr
     no_token = cli(*base, "--p12", str(p12), stdin="\n")
     assert no_token.returncode == 2 and "no token" in one_line(no_token)
-    both = cli(*base, "--p12", str(p12), "--cert", str(tls / "ca.crt"), "--key", str(tls / "ca.key"),
-               stdin="x\n")
+    both = cli(
+        *base, "--p12", str(p12), "--cert", str(tls / "ca.crt"), "--key", str(tls / "ca.key"), stdin="x\n"
+    )
     assert both.returncode == 2 and "either --cert and --key, or --p12" in both.stderr
     missing = ask(config, "--profile", "other", "Hello")
     assert missing.returncode == 2 and "no profile named 'other'" in one_line(missing)
@@ -153,15 +205,31 @@ def test_ask_text_and_image(env: Env, tmp_path: Path) -> None:
     last = [rec for rec in audit_records(env) if rec.get("event") == "request"][-1]
     assert last["status"] == 200 and last["images"] == [
         {"width": 96, "height": 64, "bytes": len(image.read_bytes()), "format": "PNG"},
-        {"width": 64, "height": 64, "bytes": len(jpeg.read_bytes()), "format": "JPEG"}]
+        {"width": 64, "height": 64, "bytes": len(jpeg.read_bytes()), "format": "JPEG"},
+    ]
 
 
 def test_answer_streams_to_stdout_as_it_is_generated(env: Env) -> None:
     config = profile(env, "main")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "ask", "--config", str(config),
-                             "--max-tokens", "3000", "--temperature", "0",  # greedy: no early end
-                             "Write a long report"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "ask",
+            "--config",
+            str(config),
+            "--max-tokens",
+            "3000",
+            "--temperature",
+            "0",  # greedy: no early end
+            "Write a long report",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     try:
         reads = []
@@ -297,8 +365,11 @@ def test_stream_output_strips_terminal_controls() -> None:
         def isatty(self) -> bool:
             return True
 
-    events = ['data: {"choices": [{"delta": {"content": "ok\\u001b[2J\\u009b31m done"}}]}',
-              'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}', "data: [DONE]"]
+    events = [
+        'data: {"choices": [{"delta": {"content": "ok\\u001b[2J\\u009b31m done"}}]}',
+        'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}',
+        "data: [DONE]",
+    ]
     out = Tty()
     assert stream_answer(iter(events), out) == "stop"
     assert out.getvalue() == "ok[2J31m done"

@@ -38,19 +38,22 @@ def test_init_policy_loads_with_paths_relative_to_file(setup, tmp_path: Path) ->
     assert find_client(p.clients, setup.token + "x") is None
 
 
-@pytest.mark.parametrize(("old", "new", "key"), [
-    ("[limits]", "[limits]\nmax_bodybytes = 5", "limits.max_bodybytes"),
-    ("[limits]", "[limit]\n[limits]", "limit"),
-    ('tls_cert = "tls/server.crt"\n', "", "server.tls_cert"),
-    ("max_queue = 16", 'max_queue = "16"', "limits.max_queue"),
-    ("max_queue = 16", "max_queue = 0", "limits.max_queue"),
-    ("n_ctx = 4096", "n_ctx = true", "model.n_ctx"),
-    ('client_cert = "required"', 'client_cert = "maybe"', "server.client_cert"),
-    ('client_ca = "tls/ca.crt"\n', "", "server.client_ca"),
-    ('listen = "127.0.0.1:9443"', 'listen = "9443"', "server.listen"),
-    ('scopes = ["chat", "models"]', 'scopes = ["chat", "root"]', "clients[0].scopes"),
-    ("max_image_bytes = 10_000_000", "max_image_bytes = 30_000_000", "limits.max_image_bytes"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("[limits]", "[limits]\nmax_bodybytes = 5", "limits.max_bodybytes"),
+        ("[limits]", "[limit]\n[limits]", "limit"),
+        ('tls_cert = "tls/server.crt"\n', "", "server.tls_cert"),
+        ("max_queue = 16", 'max_queue = "16"', "limits.max_queue"),
+        ("max_queue = 16", "max_queue = 0", "limits.max_queue"),
+        ("n_ctx = 4096", "n_ctx = true", "model.n_ctx"),
+        ('client_cert = "required"', 'client_cert = "maybe"', "server.client_cert"),
+        ('client_ca = "tls/ca.crt"\n', "", "server.client_ca"),
+        ('listen = "127.0.0.1:9443"', 'listen = "9443"', "server.listen"),
+        ('scopes = ["chat", "models"]', 'scopes = ["chat", "root"]', "clients[0].scopes"),
+        ("max_image_bytes = 10_000_000", "max_image_bytes = 30_000_000", "limits.max_image_bytes"),
+    ],
+)
 def test_invalid_values_name_file_and_key(setup, old: str, new: str, key: str) -> None:  # type: ignore[no-untyped-def]
     edit(setup.policy, old, new)
     with pytest.raises(ConfigError) as info:
@@ -62,7 +65,7 @@ def test_invalid_values_name_file_and_key(setup, old: str, new: str, key: str) -
 
 def test_token_digest_must_be_hex_and_unique(setup) -> None:  # type: ignore[no-untyped-def]
     text = setup.policy.read_text()
-    client = text[text.index("[[clients]]"):]
+    client = text[text.index("[[clients]]") :]
     setup.policy.write_text(text + "\n" + client.replace('name = "client-01"', 'name = "b"'))
     with pytest.raises(ConfigError, match="duplicate"):
         load_policy(setup.policy)
@@ -97,16 +100,26 @@ def test_every_problem_is_listed(setup) -> None:  # type: ignore[no-untyped-def]
 
 def test_client_rules_parse_and_are_checked(setup) -> None:  # type: ignore[no-untyped-def]
     import datetime as dt
+
     text = setup.policy.read_text()
-    setup.policy.write_text(text + 'allow = ["127.0.0.5/32"]\ncert_cn = "x"\nexpires = 2027-03-01\n'
-                            'rate = "60/minute"\nmax_concurrent = 2\n')
+    setup.policy.write_text(
+        text + 'allow = ["127.0.0.5/32"]\ncert_cn = "x"\nexpires = 2027-03-01\n'
+        'rate = "60/minute"\nmax_concurrent = 2\n'
+    )
     c = load_policy(setup.policy).clients[0]
     assert (str(c.allow[0]), c.cert_cn, c.expires, str(c.rate), c.max_concurrent) == (  # type: ignore[index]
-        "127.0.0.5/32", "x", dt.date(2027, 3, 1), "60/minute", 2)
-    for line, key in [('allow = ["10.0.0.0/8"]\n', "clients[0].allow"),
-                      ('rate = "lots"\n', "clients[0].rate"),
-                      ('expires = "2027-03-01"\n', "clients[0].expires"),
-                      ('allow = ["10.0.0.300/32"]\n', "clients[0].allow")]:
+        "127.0.0.5/32",
+        "x",
+        dt.date(2027, 3, 1),
+        "60/minute",
+        2,
+    )
+    for line, key in [
+        ('allow = ["10.0.0.0/8"]\n', "clients[0].allow"),
+        ('rate = "lots"\n', "clients[0].rate"),
+        ('expires = "2027-03-01"\n', "clients[0].expires"),
+        ('allow = ["10.0.0.300/32"]\n', "clients[0].allow"),
+    ]:
         setup.policy.write_text(text + line)
         with pytest.raises(ConfigError) as info:
             load_policy(setup.policy)
@@ -116,12 +129,12 @@ def test_client_rules_parse_and_are_checked(setup) -> None:  # type: ignore[no-u
 def test_docs_cover_every_key_and_match_the_table() -> None:
     from appliance.config import policy as pol
     from appliance.config.settings import markdown
+
     doc = (Path(__file__).parents[2] / "docs/policy.md").read_text()
     assert doc == markdown(), "docs/policy.md is stale: run `qwen-appliance settings --markdown`"
     for s in SETTINGS:
         assert f"| `{s.key}` |" in doc, s.dotted
-    fields = {f"server.{k}" for k in pol.ServerPolicy.__dataclass_fields__} - {"server.host",
-                                                                               "server.port"}
+    fields = {f"server.{k}" for k in pol.ServerPolicy.__dataclass_fields__} - {"server.host", "server.port"}
     fields |= {f"model.{k}" for k in pol.ModelPolicy.__dataclass_fields__}
     fields |= {f"limits.{k}" for k in pol.LimitsPolicy.__dataclass_fields__}
     fields |= {f"clients.{k}" for k in pol.Client.__dataclass_fields__}

@@ -37,27 +37,35 @@ def _policy(tmp_path: Path, name: str, edits: dict[str, str]) -> Policy:
     return load_policy(setup.policy)
 
 
-@pytest.mark.parametrize(("edits", "warned"), [
-    ({"n_ctx = 4096": "n_ctx = 8192", "max_tokens = 2048": "max_tokens = 100"}, {"[model] n_ctx"}),
-    ({"max_body_bytes = 20_000_000": "max_body_bytes = 30_000_000"}, {"[limits] max_body_bytes"}),
-    ({"max_body_bytes = 20_000_000": "max_body_bytes = 15_000_000"}, set()),  # lowering applies at once
-    ({'fsync = "always"': 'fsync = "interval"'}, {"[audit] fsync"}),
-    ({"127.0.0.1:9443": "127.0.0.1:9444"}, {"[server] listen"}),
-])
+@pytest.mark.parametrize(
+    ("edits", "warned"),
+    [
+        ({"n_ctx = 4096": "n_ctx = 8192", "max_tokens = 2048": "max_tokens = 100"}, {"[model] n_ctx"}),
+        ({"max_body_bytes = 20_000_000": "max_body_bytes = 30_000_000"}, {"[limits] max_body_bytes"}),
+        ({"max_body_bytes = 20_000_000": "max_body_bytes = 15_000_000"}, set()),  # lowering applies at once
+        ({'fsync = "always"': 'fsync = "interval"'}, {"[audit] fsync"}),
+        ({"127.0.0.1:9443": "127.0.0.1:9444"}, {"[server] listen"}),
+    ],
+)
 def test_reload_warns_for_exactly_the_restart_keys_that_changed(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, edits: dict[str, str], warned: set[str]) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, edits: dict[str, str], warned: set[str]
+) -> None:
     old, new = _policy(tmp_path, "old", {}), _policy(tmp_path, "new", edits)
     with caplog.at_level(logging.WARNING, logger="appliance.daemon.reload"):
         PolicyReloader._warn_restart_only(old, new)
     said = {r.getMessage().split("policy: ")[1].split(" changed")[0] for r in caplog.records}
     # paths differ between the two set-ups (another folder): compare only what the edit touched
-    said -= {f"[{s.section}] {s.key}" for s in RESTART_ONLY
-             if isinstance(setting_value(old, s), Path) and setting_value(old, s) != setting_value(new, s)}
+    said -= {
+        f"[{s.section}] {s.key}"
+        for s in RESTART_ONLY
+        if isinstance(setting_value(old, s), Path) and setting_value(old, s) != setting_value(new, s)
+    }
     assert said == warned
 
 
 def test_a_section_with_table_defaults_is_the_section_a_file_without_those_keys_loads(tmp_path: Path) -> None:
     loaded = _policy(tmp_path, "s", {}).audit
-    built = AuditPolicy.with_defaults(dir=loaded.dir, hmac_key_file=loaded.hmac_key_file,
-                                      fsync=loaded.fsync)  # init writes fsync explicitly
+    built = AuditPolicy.with_defaults(
+        dir=loaded.dir, hmac_key_file=loaded.hmac_key_file, fsync=loaded.fsync
+    )  # init writes fsync explicitly
     assert built == loaded

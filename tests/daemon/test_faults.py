@@ -50,9 +50,11 @@ def remove(path: Path, _tmp: Path) -> None:
 
 def mismatched(path: Path, tmp: Path) -> None:
     """A projector built for another model (128-wide output instead of 256), as test_engine.py makes it."""
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-            "import make_tiny_model as m; m.N_EMBD = 128;"
-            "m.write_atomic(m.mmproj_writer(0), Path(sys.argv[2]))")
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "import make_tiny_model as m; m.N_EMBD = 128;"
+        "m.write_atomic(m.mmproj_writer(0), Path(sys.argv[2]))"
+    )
     subprocess.run([sys.executable, "-c", code, str(TOOL.parent), str(path)], check=True, timeout=60)
 
 
@@ -82,11 +84,13 @@ def unpinned(policy: Path) -> None:
     policy.write_text(re.sub(r"(?m)^(mmproj_)?sha256 = .*\n", "", policy.read_text()))
 
 
-@pytest.mark.parametrize(("which", "what", "damage", "words"), CASES,
-                         ids=[f"{w}-{n}" for w, n, _, _ in CASES])
+@pytest.mark.parametrize(
+    ("which", "what", "damage", "words"), CASES, ids=[f"{w}-{n}" for w, n, _, _ in CASES]
+)
 @pytest.mark.parametrize("pinned", [False, True], ids=["unpinned", "pinned"])
-def test_broken_model_files_fail_clearly(tmp_path: Path, tiny_model: TinyModel, which: str, what: str,
-                                         damage: Damage, words: str, pinned: bool) -> None:
+def test_broken_model_files_fail_clearly(
+    tmp_path: Path, tiny_model: TinyModel, which: str, what: str, damage: Damage, words: str, pinned: bool
+) -> None:
     pair = copied_pair(tiny_model, tmp_path / "models")
     setup = make_setup(tmp_path / "s", pair, free_port())
     if not pinned:
@@ -102,12 +106,14 @@ def test_broken_model_files_fail_clearly(tmp_path: Path, tiny_model: TinyModel, 
 def test_tampered_tensor_data_is_caught_by_the_pinned_digest(tmp_path: Path, tiny_model: TinyModel) -> None:
     """A damaged copy that llama.cpp would load anyway is refused when the policy pins the digest."""
     from appliance.files import sha256_file
+
     pair = copied_pair(tiny_model, tmp_path / "models")
     pin = sha256_file(pair.model)
     setup = make_setup(tmp_path / "s", pair, free_port())
     unpinned(setup.policy)
-    setup.policy.write_text(setup.policy.read_text().replace("n_gpu_layers = -1",
-                                                             f'sha256 = "{pin}"\nn_gpu_layers = -1', 1))
+    setup.policy.write_text(
+        setup.policy.read_text().replace("n_gpu_layers = -1", f'sha256 = "{pin}"\nn_gpu_layers = -1', 1)
+    )
     corrupt_tensors(pair.model, tmp_path)
     r = run_cli("serve", "--policy", str(setup.policy), timeout=90)
     assert r.returncode == 2 and f"pins {pin}" in r.stderr and "hint" in r.stderr, r.stderr[-2000:]
@@ -118,10 +124,13 @@ def test_read_only_audit_directory_stops_start_up(tmp_path: Path, tiny_model: Ti
     setup = make_setup(tmp_path / "s", tiny_model, free_port())
     audit = setup.policy.parent / "audit"
     audit.mkdir(exist_ok=True)
-    script = (f"mount -t tmpfs -o ro none {audit} && exec {sys.executable} -m appliance serve "
-              f"--policy {setup.policy}")
-    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=90,
-                       cwd=ROOT)
+    script = (
+        f"mount -t tmpfs -o ro none {audit} && exec {sys.executable} -m appliance serve "
+        f"--policy {setup.policy}"
+    )
+    r = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=90, cwd=ROOT
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "audit trail cannot be written" in r.stderr and "Read-only file system" in r.stderr
     assert "hint" in r.stderr and "Traceback" not in r.stderr

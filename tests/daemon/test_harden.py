@@ -30,8 +30,16 @@ IS_ROOT = os.geteuid() == 0
 
 def _child(mlock: bool = False, preexec: Callable[[], None] | None = None) -> dict[str, Any]:
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, "mlock" if mlock else "-"], capture_output=True,
-                          text=True, env=env, cwd="/", preexec_fn=preexec, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, "mlock" if mlock else "-"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        preexec_fn=preexec,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return result
@@ -60,8 +68,10 @@ def test_core_limit_already_zero_is_left_alone() -> None:
     assert r["applied"]["core_dumps"] == "off (RLIMIT_CORE already 0)" and r["core"] == [0, 0]
 
 
-@pytest.mark.skipif(not IS_ROOT and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] != resource.RLIM_INFINITY,
-                    reason="needs root or an unlimited RLIMIT_MEMLOCK")
+@pytest.mark.skipif(
+    not IS_ROOT and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] != resource.RLIM_INFINITY,
+    reason="needs root or an unlimited RLIMIT_MEMLOCK",
+)
 def test_mlock_locks_memory() -> None:
     r = _child(mlock=True)
     assert r["applied"]["mlock"] == "locked (mlockall MCL_CURRENT|MCL_FUTURE)"

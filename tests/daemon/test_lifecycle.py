@@ -20,6 +20,7 @@ def test_queue_full_gets_503_and_disconnect_cancels(daemon_factory: DaemonFactor
         assert stream.status_code == 200
         lines = stream.iter_lines()  # keep a reference: a collected iterator closes the stream
         next(lines)  # generation A is running
+
         def post_b() -> None:
             with d.client() as c:
                 results["b"] = c.post("/v1/chat/completions", json=SHORT).status_code
@@ -44,8 +45,7 @@ def test_sigterm_drains_in_flight_request_and_exits_zero(daemon_factory: DaemonF
     d = daemon_factory(LONG_EDITS)
     body = dict(LONG, stream=False, max_tokens=8000)
     out: dict[str, httpx.Response] = {}
-    t = threading.Thread(target=lambda: out.update(r=d.client().post("/v1/chat/completions",
-                                                                     json=body)))
+    t = threading.Thread(target=lambda: out.update(r=d.client().post("/v1/chat/completions", json=body)))
     t.start()
     assert wait_for(lambda: d.readyz()["queue"]["busy"])
     assert d.stop(signal.SIGTERM) == 0
@@ -116,14 +116,16 @@ def test_text_only_model_refuses_images(daemon_factory: DaemonFactory, tiny_mode
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     with d.client() as c:
         text = c.post("/v1/chat/completions", json=SHORT)
-        r = c.post("/v1/chat/completions",
-                   json={"messages": [{"role": "user", "content": [image]}], "max_tokens": 2})
+        r = c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": [image]}], "max_tokens": 2}
+        )
     assert text.status_code == 200
     assert r.status_code == 400 and "mmproj" in r.json()["error"]["message"]
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path, tiny_model: TinyModel) -> None:
     import socket
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

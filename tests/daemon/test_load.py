@@ -30,13 +30,32 @@ CLIENTS = 8
 WARM_UP_S = 10.0
 IMAGE = "data:image/png;base64," + base64.b64encode(png_bytes(size=(48, 32))).decode()
 REQUESTS = [
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Summarise the ledger"}],
-                                      "max_tokens": 8}),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": IMAGE}}, {"type": "text", "text": "Total?"}]}],
-        "max_tokens": 8}),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "stream"}], "max_tokens": 8,
-                                      "stream": True}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Summarise the ledger"}], "max_tokens": 8},
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": IMAGE}},
+                        {"type": "text", "text": "Total?"},
+                    ],
+                }
+            ],
+            "max_tokens": 8,
+        },
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "stream"}], "max_tokens": 8, "stream": True},
+    ),
     ("POST", "/api/v1/chat", {"prompt": "Risk of this contract?", "image": "scan.png", "max_tokens": 8}),
     ("GET", "/v1/models", None),
 ]
@@ -124,8 +143,10 @@ def audited_ids(audit: Path) -> set[str]:
 
 
 def test_eight_clients_for_two_minutes(daemon_factory: DaemonFactory) -> None:
-    d = daemon_factory({"max_queue = 16": "max_queue = 6"},
-                       prepare=lambda s: (s.policy.parent / "data" / "scan.png").write_bytes(png_bytes()))
+    d = daemon_factory(
+        {"max_queue = 16": "max_queue = 6"},
+        prepare=lambda s: (s.policy.parent / "data" / "scan.png").write_bytes(png_bytes()),
+    )
     proc = psutil.Process(d.proc.pid)
     warm = Tally()
     run_clients(d, warm, WARM_UP_S)  # allocator pools, the projector, connection buffers
@@ -138,8 +159,10 @@ def test_eight_clients_for_two_minutes(daemon_factory: DaemonFactory) -> None:
     assert tally.statuses[200] > CLIENTS * 10, tally.statuses
     assert wait_for(lambda: d.readyz()["status"] == "ready")
     rss1, fd1 = proc.memory_info().rss, settled_fds(d.proc.pid)
-    print(f"load: {sum(tally.statuses.values())} requests in {elapsed:.0f} s {dict(tally.statuses)}; "
-          f"RSS {rss0 >> 20} -> {rss1 >> 20} MB; fds {fd0} -> {fd1}")
+    print(
+        f"load: {sum(tally.statuses.values())} requests in {elapsed:.0f} s {dict(tally.statuses)}; "
+        f"RSS {rss0 >> 20} -> {rss1 >> 20} MB; fds {fd0} -> {fd1}"
+    )
     assert rss1 < rss0 * 1.10, f"RSS grew from {rss0 >> 20} to {rss1 >> 20} MB"
     assert fd1 <= fd0, f"file descriptors grew from {fd0} to {fd1}"
     assert d.stop() == 0

@@ -13,16 +13,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import Daemon, TinyModel, add_client, free_port, make_setup, start_daemon
 from helpers import records, wait_for
-from rawtls import (
-    REFUSED,
-    Reply,
-    connect,
-    exchange,
-    has_security_headers,
-    head,
-    metric,
-    read_reply,
-)
+from rawtls import REFUSED, Reply, connect, exchange, has_security_headers, head, metric, read_reply
 
 MARK = "zq7secretmark"  # in every hostile request: must never reach a log or the trail
 LIMIT = 5  # refusal_records_per_second in these tests

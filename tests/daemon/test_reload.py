@@ -28,8 +28,12 @@ def hup(d: Daemon) -> None:
 
 def test_valid_reload_while_a_request_runs(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory(LONG_EDITS)
-    long = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3000, "temperature": 0,
-            "stream": True}
+    long = {
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 3000,
+        "temperature": 0,
+        "stream": True,
+    }
     with d.client() as c, c.stream("POST", "/v1/chat/completions", json=long) as stream:
         lines = stream.iter_lines()
         next(lines)
@@ -49,8 +53,9 @@ def test_invalid_policy_is_rejected_whole_and_old_one_stays(daemon_factory: Daem
     token = add_client(policy, "zed")
     hup(d)
     assert wait_for(lambda: status(d, token) == 200)
-    policy.write_text(good.replace("max_queue = 16", "max_queue = 0").replace("[limits]",
-                                                                               "[limits]\nspeed = 3"))
+    policy.write_text(
+        good.replace("max_queue = 16", "max_queue = 0").replace("[limits]", "[limits]\nspeed = 3")
+    )
     hup(d)
     assert wait_for(lambda: "REJECTED" in d.log())
     log = d.log()
@@ -72,9 +77,12 @@ def test_file_change_alone_reloads(daemon_factory: DaemonFactory) -> None:
 
 def served_cert_sha256(d: Daemon) -> str:
     import socket
+
     ctx = d.ssl_context()
-    with socket.create_connection(("127.0.0.1", int(d.url.rsplit(":", 1)[1]))) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+    with (
+        socket.create_connection(("127.0.0.1", int(d.url.rsplit(":", 1)[1]))) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     assert der
     return hashlib.sha256(der).hexdigest()
@@ -88,6 +96,7 @@ def test_certificates_are_reread_on_reload(daemon_factory: DaemonFactory) -> Non
     fresh = pki.new_server_cert(ca, ["127.0.0.1"])
     pki.save(fresh, tls / "server.crt", tls / "server.key")
     from cryptography.hazmat.primitives import serialization
+
     want = hashlib.sha256(fresh.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     hup(d)
     assert wait_for(lambda: served_cert_sha256(d) == want)
@@ -132,8 +141,11 @@ def test_policy_check_cli(tmp_path: Path, tiny_model: TinyModel) -> None:
     setup = make_setup(tmp_path / "s", tiny_model, free_port())
     ok = run_cli("policy", "check", str(setup.policy))
     assert ok.returncode == 0 and "OK" in ok.stdout
-    setup.policy.write_text(setup.policy.read_text().replace("max_queue = 16", "max_queue = 0")
-                            .replace("n_ctx = 4096", "n_ctx = 1"))
+    setup.policy.write_text(
+        setup.policy.read_text()
+        .replace("max_queue = 16", "max_queue = 0")
+        .replace("n_ctx = 4096", "n_ctx = 1")
+    )
     bad = run_cli("policy", "check", str(setup.policy))
     assert bad.returncode == 2
     assert "2 problems" in bad.stderr and "limits.max_queue" in bad.stderr

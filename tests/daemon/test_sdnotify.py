@@ -96,11 +96,20 @@ def test_a_missing_socket_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch
     assert sdnotify.notify("READY=1") is False
 
 
-@pytest.mark.parametrize(("usec", "pid", "expected"), [
-    ("30000000", None, 15.0), ("30000000", "self", 15.0), ("30000000", "1", None),
-    ("0", None, None), ("soon", None, None), (None, None, None)])
-def test_watchdog_interval_is_half_of_watchdogsec(monkeypatch: pytest.MonkeyPatch, usec: str | None,
-                                                  pid: str | None, expected: float | None) -> None:
+@pytest.mark.parametrize(
+    ("usec", "pid", "expected"),
+    [
+        ("30000000", None, 15.0),
+        ("30000000", "self", 15.0),
+        ("30000000", "1", None),
+        ("0", None, None),
+        ("soon", None, None),
+        (None, None, None),
+    ],
+)
+def test_watchdog_interval_is_half_of_watchdogsec(
+    monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None, expected: float | None
+) -> None:
     for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
@@ -120,9 +129,9 @@ def _drain(sock: socket.socket) -> list[bytes]:
 
 
 @pytest.mark.parametrize(("healthy", "pings"), [(True, True), (False, False)])
-def test_watchdog_loop_pings_only_while_healthy(monkeypatch: pytest.MonkeyPatch,
-                                                abstract_socket: socket.socket, healthy: bool,
-                                                pings: bool) -> None:
+def test_watchdog_loop_pings_only_while_healthy(
+    monkeypatch: pytest.MonkeyPatch, abstract_socket: socket.socket, healthy: bool, pings: bool
+) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "100000")  # 0.1 s: a ping every 0.05 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
 
@@ -155,8 +164,9 @@ def _listener() -> socket.socket:
     return sock
 
 
-def _run_wrapped(script: str, pass_fds: tuple[int, ...] = (), connect: int | None = None,
-                 ) -> dict[str, object]:
+def _run_wrapped(
+    script: str, pass_fds: tuple[int, ...] = (), connect: int | None = None
+) -> dict[str, object]:
     """Run CHILD under a bash wrapper that sets fd 3 and LISTEN_* and then execs Python (same pid)."""
     cmd = ["bash", "-c", script + ' exec "$PY" -c "$CHILD"']
     env = {**os.environ, "PY": sys.executable, "CHILD": CHILD}
@@ -175,15 +185,20 @@ def _run_wrapped(script: str, pass_fds: tuple[int, ...] = (), connect: int | Non
 def test_listen_fds_adopts_an_inherited_socket_as_fd_3() -> None:
     with _listener() as sock:
         fd, port = sock.fileno(), sock.getsockname()[1]
-        info = _run_wrapped(f'exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$;', (fd,), port)
-    assert info == {"count": 1, "fds": [3], "env_left": [], "inheritable": [False],
-                    "addresses": [["127.0.0.1", port]]}
+        info = _run_wrapped(f"exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$;", (fd,), port)
+    assert info == {
+        "count": 1,
+        "fds": [3],
+        "env_left": [],
+        "inheritable": [False],
+        "addresses": [["127.0.0.1", port]],
+    }
 
 
 def test_listen_fds_ignores_sockets_meant_for_another_process() -> None:
     with _listener() as sock:
         fd = sock.fileno()
-        info = _run_wrapped(f'exec 3<&{fd}; export LISTEN_FDS=1 LISTEN_PID=$PPID;', (fd,))
+        info = _run_wrapped(f"exec 3<&{fd}; export LISTEN_FDS=1 LISTEN_PID=$PPID;", (fd,))
     assert info["count"] == 0 and info["env_left"] == []
 
 
@@ -195,7 +210,7 @@ def test_listen_fds_refuses_a_non_socket() -> None:
 def test_listen_fds_refuses_a_socket_that_does_not_listen() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         fd = sock.fileno()
-        info = _run_wrapped(f'exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$;', (fd,))
+        info = _run_wrapped(f"exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$;", (fd,))
     assert "not a listening stream socket" in str(info["error"])
 
 
@@ -204,9 +219,12 @@ def test_listen_fds_under_systemd_socket_activate() -> None:
     """systemd's own tool binds the port, waits for a connection and execs the program with LISTEN_*."""
     with _listener() as probe:
         port = probe.getsockname()[1]
-    proc = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
-                             sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-c", CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         conn = _connect_retrying(port)
         with conn:

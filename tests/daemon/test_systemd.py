@@ -68,23 +68,40 @@ def test_verify_does_check_execstart() -> None:
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
         "qwen-appliance.service: Command /opt/qwen-appliance/.venv/bin/qwen-appliance is not executable: "
-        "No such file or directory"]
+        "No such file or directory"
+    ]
 
 
 def test_service_keeps_the_agreed_contract() -> None:
     d = _directives(SERVICE)
     for key, value in {
-        "Type": "notify", "NotifyAccess": "main", "User": "qwen-appliance", "WatchdogSec": "30",
-        "TimeoutStopSec": "60", "KillSignal": "SIGTERM", "Restart": "on-failure", "LimitCORE": "0",
-        "UMask": "0077", "Environment": "OMP_WAIT_POLICY=PASSIVE", "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "User": "qwen-appliance",
+        "WatchdogSec": "30",
+        "TimeoutStopSec": "60",
+        "KillSignal": "SIGTERM",
+        "Restart": "on-failure",
+        "LimitCORE": "0",
+        "UMask": "0077",
+        "Environment": "OMP_WAIT_POLICY=PASSIVE",
+        "ExecReload": "/bin/kill -HUP $MAINPID",
         "ExecStart": "/opt/qwen-appliance/.venv/bin/qwen-appliance serve "
-                     "--policy /etc/qwen-appliance/policy.toml",
-        "PrivateNetwork": "yes", "RestrictAddressFamilies": "AF_UNIX", "DevicePolicy": "closed",
-        "NoNewPrivileges": "yes", "ProcSubset": "all", "PrivateDevices": "no",
+        "--policy /etc/qwen-appliance/policy.toml",
+        "PrivateNetwork": "yes",
+        "RestrictAddressFamilies": "AF_UNIX",
+        "DevicePolicy": "closed",
+        "NoNewPrivileges": "yes",
+        "ProcSubset": "all",
+        "PrivateDevices": "no",
     }.items():
         assert d.get(key) == [value], key
-    assert set(d["DeviceAllow"]) == {"/dev/nvidiactl rw", "char-nvidia-frontend rw", "/dev/nvidia-uvm rw",
-                                     "/dev/nvidia-uvm-tools rw"}
+    assert set(d["DeviceAllow"]) == {
+        "/dev/nvidiactl rw",
+        "char-nvidia-frontend rw",
+        "/dev/nvidia-uvm rw",
+        "/dev/nvidia-uvm-tools rw",
+    }
     assert d["Requires"] == ["qwen-appliance.socket"]
 
 
@@ -116,16 +133,22 @@ def _passwd(root: Path) -> dict[str, list[str]]:
     return {row[0]: row for row in rows}
 
 
-@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None or shutil.which("systemd-sysusers") is None,
-                    reason="systemd-tmpfiles or systemd-sysusers absent")
+@pytest.mark.skipif(
+    shutil.which("systemd-tmpfiles") is None or shutil.which("systemd-sysusers") is None,
+    reason="systemd-tmpfiles or systemd-sysusers absent",
+)
 def test_tmpfiles_lays_out_private_directories(image_root: Path) -> None:
     """No --dry-run in 252: create the tree for real under a throw-away root, the user from sysusers."""
     assert _run("systemd-sysusers", f"--root={image_root}", UNITS / "qwen-appliance.sysusers").returncode == 0
     proc = _run("systemd-tmpfiles", "--create", f"--root={image_root}", UNITS / "qwen-appliance.tmpfiles")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     uid = int(_passwd(image_root)["qwen-appliance"][2])
-    expect = {"var/lib/qwen-appliance": (0o750, uid, uid), "var/lib/qwen-appliance/models": (0o750, 0, uid),
-              "var/log/qwen-appliance": (0o700, uid, uid), "run/qwen-appliance": (0o750, uid, uid)}
+    expect = {
+        "var/lib/qwen-appliance": (0o750, uid, uid),
+        "var/lib/qwen-appliance/models": (0o750, 0, uid),
+        "var/log/qwen-appliance": (0o700, uid, uid),
+        "run/qwen-appliance": (0o750, uid, uid),
+    }
     for rel, (mode, owner, group) in expect.items():
         st = (image_root / rel).stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, owner, group), rel
@@ -173,8 +196,15 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Staged]:
     dest = tmp_path_factory.mktemp("destdir")
     prefix, uid = _namespace_with_user(tmp_path_factory.mktemp("etc-copy"))
     python = _system_python()
-    cmd = [*prefix, "make", "-C", str(ROOT), "install", f"DESTDIR={dest}",
-           *([f"PYTHON={python}"] if python else [])]
+    cmd = [
+        *prefix,
+        "make",
+        "-C",
+        str(ROOT),
+        "install",
+        f"DESTDIR={dest}",
+        *([f"PYTHON={python}"] if python else []),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     yield Staged(dest, uid, tuple(prefix))
@@ -189,8 +219,12 @@ def test_install_lays_out_the_tree(staged: Staged) -> None:
     shebang = (venv / "bin/qwen-appliance").read_text().splitlines()[0]
     assert shebang == "#!/opt/qwen-appliance/.venv/bin/python"  # where it will run, not the staging root
     assert str(staged.root) not in (venv / "pyvenv.cfg").read_text()
-    for rel in ("etc/systemd/system/qwen-appliance.service", "etc/systemd/system/qwen-appliance.socket",
-                "etc/sysusers.d/qwen-appliance.conf", "etc/tmpfiles.d/qwen-appliance.conf"):
+    for rel in (
+        "etc/systemd/system/qwen-appliance.service",
+        "etc/systemd/system/qwen-appliance.socket",
+        "etc/sysusers.d/qwen-appliance.conf",
+        "etc/tmpfiles.d/qwen-appliance.conf",
+    ):
         assert _mode(staged.root / rel) == 0o644, rel
     assert (staged.root / "etc/systemd/system/qwen-appliance.service").read_text() == SERVICE.read_text()
     assert _mode(staged.root / "opt/qwen-appliance") == 0o755 and _mode(venv / "bin/python") == 0o755
@@ -198,15 +232,26 @@ def test_install_lays_out_the_tree(staged: Staged) -> None:
 
 def test_install_runs_the_installed_code(staged: Staged) -> None:
     venv_python = staged.root / "opt/qwen-appliance/.venv/bin/python"
-    code = ("import appliance.daemon.sdnotify, appliance.engine.gpu, appliance.daemon.harden, llama_cpp; "
-            "print(llama_cpp.__file__)")
+    code = (
+        "import appliance.daemon.sdnotify, appliance.engine.gpu, appliance.daemon.harden, llama_cpp; "
+        "print(llama_cpp.__file__)"
+    )
     proc = _run(venv_python, "-c", code)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
 
 
-CONF_MODES = {".": 0o750, "policy.toml": 0o640, "tls": 0o750, "tls/server.crt": 0o640, "tls/ca.crt": 0o640,
-              "tls/server.key": 0o600, "tls/ca.key": 0o600, "audit.key": 0o600, "clients": 0o700,
-              "data": 0o750}
+CONF_MODES = {
+    ".": 0o750,
+    "policy.toml": 0o640,
+    "tls": 0o750,
+    "tls/server.crt": 0o640,
+    "tls/ca.crt": 0o640,
+    "tls/server.key": 0o600,
+    "tls/ca.key": 0o600,
+    "audit.key": 0o600,
+    "clients": 0o700,
+    "data": 0o750,
+}
 
 
 def test_install_config_modes_pass_the_daemons_own_checks(staged: Staged) -> None:
@@ -219,8 +264,9 @@ def test_install_config_modes_pass_the_daemons_own_checks(staged: Staged) -> Non
     proc = _run(*staged.prefix, python, "-m", "appliance", "policy", "check", conf / "policy.toml")
     problems = proc.stdout.strip().splitlines() + proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and problems, problems
-    assert all("[model.path]: file not found" in p or "[model.mmproj]: file not found" in p
-               for p in problems), problems
+    assert all(
+        "[model.path]: file not found" in p or "[model.mmproj]: file not found" in p for p in problems
+    ), problems
 
 
 def test_install_owners_let_the_daemon_read_only_what_it_needs(staged: Staged) -> None:
@@ -228,9 +274,18 @@ def test_install_owners_let_the_daemon_read_only_what_it_needs(staged: Staged) -
         pytest.skip("not root, or no private mount namespace: make install DESTDIR= skipped chown")
     svc = staged.uid  # sysusers gives the group the same number
     conf = staged.root / "etc/qwen-appliance"
-    owners = {".": (0, svc), "policy.toml": (0, svc), "tls": (0, svc), "tls/server.crt": (0, svc),
-              "tls/ca.crt": (0, svc), "data": (0, svc), "tls/server.key": (svc, svc), "audit.key": (svc, svc),
-              "tls/ca.key": (0, 0), "clients": (0, 0)}  # the CA key and client bundles stay root's
+    owners = {
+        ".": (0, svc),
+        "policy.toml": (0, svc),
+        "tls": (0, svc),
+        "tls/server.crt": (0, svc),
+        "tls/ca.crt": (0, svc),
+        "data": (0, svc),
+        "tls/server.key": (svc, svc),
+        "audit.key": (svc, svc),
+        "tls/ca.key": (0, 0),
+        "clients": (0, 0),
+    }  # the CA key and client bundles stay root's
     for rel, (uid, gid) in owners.items():
         st = (conf / rel).stat()
         assert (st.st_uid, st.st_gid) == (uid, gid), rel

@@ -32,8 +32,11 @@ def _user(*parts: str | RGBImage) -> list[Message]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: TinyModel) -> Iterator[Engine]:
-    eng = Engine.load(ModelPolicy.with_defaults(path=tiny_model.model, mmproj=tiny_model.mmproj,
-                                                threads=1, n_ctx=2048, parallel=4))
+    eng = Engine.load(
+        ModelPolicy.with_defaults(
+            path=tiny_model.model, mmproj=tiny_model.mmproj, threads=1, n_ctx=2048, parallel=4
+        )
+    )
     yield eng
     eng.close()
 
@@ -41,8 +44,16 @@ def engine(tiny_model: TinyModel) -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def serial(tiny_model: TinyModel) -> Iterator[Engine]:
     """One slot and no prompt cache: the reference every batched answer must match."""
-    eng = Engine.load(ModelPolicy.with_defaults(path=tiny_model.model, mmproj=tiny_model.mmproj,
-                                                threads=1, n_ctx=2048, parallel=1, prompt_cache=False))
+    eng = Engine.load(
+        ModelPolicy.with_defaults(
+            path=tiny_model.model,
+            mmproj=tiny_model.mmproj,
+            threads=1,
+            n_ctx=2048,
+            parallel=1,
+            prompt_cache=False,
+        )
+    )
     yield eng
     eng.close()
 
@@ -59,13 +70,16 @@ def _stopper(pieces: list[str], after: int | None) -> Callable[[], bool]:
     return lambda: after is not None and len(pieces) >= after
 
 
-def _together(eng: Engine, requests: list[Request], cancel_after: dict[int, int] | None = None
-              ) -> tuple[list[Completion], list[list[str]]]:
+def _together(
+    eng: Engine, requests: list[Request], cancel_after: dict[int, int] | None = None
+) -> tuple[list[Completion], list[list[str]]]:
     """Admit all requests at once and step until every one has ended."""
     pieces: list[list[str]] = [[] for _ in requests]
     limits = cancel_after or {}
-    seqs = [eng.admit(messages, params, _stopper(pieces[i], limits.get(i)), pieces[i].append)
-            for i, (messages, params) in enumerate(requests)]
+    seqs = [
+        eng.admit(messages, params, _stopper(pieces[i], limits.get(i)), pieces[i].append)
+        for i, (messages, params) in enumerate(requests)
+    ]
     while not all(s.finished for s in seqs):
         eng.step()
     out = []
@@ -128,8 +142,12 @@ def test_identical_requests_in_one_batch_get_identical_answers(engine: Engine) -
 def test_images_batched_with_text(engine: Engine, serial: Engine) -> None:
     """Image requests share the batch with text ones (each image is evaluated into its own sequence)."""
     red, blue = _image((255, 0, 0)), _image((0, 0, 255), 96)
-    requests: list[Request] = [(_user(red, "What colour?"), GREEDY), TEXTS[0],
-                               (_user("compare", blue, "and", red), SEEDED), TEXTS[1]]
+    requests: list[Request] = [
+        (_user(red, "What colour?"), GREEDY),
+        TEXTS[0],
+        (_user("compare", blue, "and", red), SEEDED),
+        TEXTS[1],
+    ]
     together, _ = _together(engine, requests)
     for request, done in zip(requests, together, strict=True):
         _same_or_valid(request, done, _alone(serial, request), not engine.info.gpu_offload_active)
@@ -155,8 +173,12 @@ def test_more_requests_than_slots_is_refused(engine: Engine) -> None:
 
 def test_generating_requests_keep_going_while_a_long_prompt_is_evaluated(engine: Engine) -> None:
     """Fairness: a long prompt is fed in n_batch chunks, each decoded with the others' next tokens."""
-    running = engine.admit(_user("Write a long report"), SamplingParams(max_tokens=200, temperature=0),
-                           lambda: False, lambda _: None)
+    running = engine.admit(
+        _user("Write a long report"),
+        SamplingParams(max_tokens=200, temperature=0),
+        lambda: False,
+        lambda _: None,
+    )
     engine.step()  # its prompt is evaluated and its first token sampled
     long_prompt = (_user("lorem ipsum dolor " * 100), SamplingParams(max_tokens=4, temperature=0))
     late = engine.admit(*long_prompt, lambda: False, lambda _: None)
@@ -196,10 +218,15 @@ SYSTEM = Message("system", ("You are the branch assistant. Answer from the docum
 
 def test_shared_system_prompt_is_evaluated_once(engine: Engine) -> None:
     """Other clients with the same system prompt reuse its KV (not their own questions)."""
-    first = engine.generate([SYSTEM, *_user("first question")], GREEDY, lambda: False, lambda _: None,
-                            owner="teller-1")
-    later = [engine.generate([SYSTEM, *_user(f"question {i}")], GREEDY, lambda: False, lambda _: None,
-                             owner=f"teller-{i}") for i in range(2, 6)]
+    first = engine.generate(
+        [SYSTEM, *_user("first question")], GREEDY, lambda: False, lambda _: None, owner="teller-1"
+    )
+    later = [
+        engine.generate(
+            [SYSTEM, *_user(f"question {i}")], GREEDY, lambda: False, lambda _: None, owner=f"teller-{i}"
+        )
+        for i in range(2, 6)
+    ]
     assert first.usage.cached_tokens <= 3  # at most <|im_start|> and a role from another request
     system_tokens = first.usage.prompt_tokens - 16  # the question and the generation prompt
     assert all(c.usage.cached_tokens >= system_tokens for c in later)
@@ -221,8 +248,9 @@ def test_other_clients_reuse_only_the_system_part(engine: Engine) -> None:
 
 
 def test_prompt_cache_off(tiny_model: TinyModel) -> None:
-    eng = Engine.load(ModelPolicy.with_defaults(path=tiny_model.model, threads=1, n_ctx=512,
-                                                parallel=2, prompt_cache=False))
+    eng = Engine.load(
+        ModelPolicy.with_defaults(path=tiny_model.model, threads=1, n_ctx=512, parallel=2, prompt_cache=False)
+    )
     try:
         for _ in range(2):
             done = eng.generate([SYSTEM, *_user("q")], GREEDY, lambda: False, lambda _: None)
@@ -238,8 +266,11 @@ def test_n_ctx_is_per_sequence(engine: Engine) -> None:
 # --- through the daemon ---------------------------------------------------------------------------
 
 
-BODY = {"messages": [{"role": "user", "content": "Tell me about the account"}], "max_tokens": 32,
-        "temperature": 0}
+BODY = {
+    "messages": [{"role": "user", "content": "Tell me about the account"}],
+    "max_tokens": 32,
+    "temperature": 0,
+}
 
 
 def _post_all(d, bodies: list[dict]) -> list[httpx.Response]:  # type: ignore[no-untyped-def]
@@ -261,10 +292,10 @@ def _post_all(d, bodies: list[dict]) -> list[httpx.Response]:  # type: ignore[no
 def test_concurrent_clients_get_their_own_answers(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory()
     image = {"type": "image_url", "image_url": {"url": data_uri(png_bytes((10, 200, 30)))}}
-    bodies = [dict(BODY, messages=[{"role": "user", "content": f"question number {i}"}])
-              for i in range(5)]
-    bodies.append(dict(BODY, messages=[{"role": "user", "content": [image, {"type": "text",
-                                                                            "text": "what is it"}]}]))
+    bodies = [dict(BODY, messages=[{"role": "user", "content": f"question number {i}"}]) for i in range(5)]
+    bodies.append(
+        dict(BODY, messages=[{"role": "user", "content": [image, {"type": "text", "text": "what is it"}]}])
+    )
     with d.client() as c:
         alone = [c.post("/v1/chat/completions", json=b).json() for b in bodies]
     together = _post_all(d, bodies)
@@ -276,17 +307,28 @@ def test_concurrent_clients_get_their_own_answers(daemon_factory: DaemonFactory)
 
 def test_queue_full_with_all_slots_busy(daemon_factory: DaemonFactory) -> None:
     """Two slots decode two long streams; a third request waits; a fourth gets 503."""
-    d = daemon_factory({"parallel = 4": "parallel = 2", "max_queue = 16": "max_queue = 1",
-                        "n_ctx = 4096": "n_ctx = 32768", "max_tokens = 2048": "max_tokens = 30000"})
+    d = daemon_factory(
+        {
+            "parallel = 4": "parallel = 2",
+            "max_queue = 16": "max_queue = 1",
+            "n_ctx = 4096": "n_ctx = 32768",
+            "max_tokens = 2048": "max_tokens = 30000",
+        }
+    )
     long = dict(BODY, max_tokens=30000, stream=True)
-    with d.client() as a, d.client() as b, a.stream("POST", "/v1/chat/completions", json=long) as s1, \
-            b.stream("POST", "/v1/chat/completions", json=long) as s2:
+    with (
+        d.client() as a,
+        d.client() as b,
+        a.stream("POST", "/v1/chat/completions", json=long) as s1,
+        b.stream("POST", "/v1/chat/completions", json=long) as s2,
+    ):
         lines = (s1.iter_lines(), s2.iter_lines())
         next(lines[0]), next(lines[1])
         assert d.readyz()["queue"]["busy"]
         result: dict[str, int] = {}
-        third = threading.Thread(target=lambda: result.update(
-            c=d.client().post("/v1/chat/completions", json=BODY).status_code))
+        third = threading.Thread(
+            target=lambda: result.update(c=d.client().post("/v1/chat/completions", json=BODY).status_code)
+        )
         third.start()
         deadline = time.monotonic() + 30
         while d.readyz()["queue"]["waiting"] != 1 and time.monotonic() < deadline:

@@ -88,9 +88,7 @@ def text_engine(tiny: dict[str, Path]) -> Iterator[Engine]:
     eng.close()
 
 
-def _run(
-    eng: Engine, *messages: Message, params: SamplingParams = GREEDY
-) -> tuple[Completion, list[str]]:
+def _run(eng: Engine, *messages: Message, params: SamplingParams = GREEDY) -> tuple[Completion, list[str]]:
     pieces: list[str] = []
     done = eng.generate(messages, params, NEVER, pieces.append)
     assert "".join(pieces) == done.text
@@ -212,8 +210,7 @@ def test_bos_added_once(tiny: dict[str, Path]) -> None:
     )
 
     def count(model: str, template: str | None, mmproj: str | None) -> int:
-        eng = Engine.load(replace(_config(tiny, mmproj=mmproj, chat_template=template),
-                                  path=tiny[model]))
+        eng = Engine.load(replace(_config(tiny, mmproj=mmproj, chat_template=template), path=tiny[model]))
         try:
             return _run(eng, _user("hi"))[0].usage.prompt_tokens
         finally:
@@ -238,8 +235,9 @@ def test_image_request(engine: Engine) -> None:
 
 def test_images_in_several_messages_are_all_counted(engine: Engine) -> None:
     one, _ = _run(engine, _user(RED, "a"))
-    many, _ = _run(engine, _user("first", RED), Message("assistant", ("ok",)),
-                   _user(BLUE, "then", RED, "end"))
+    many, _ = _run(
+        engine, _user("first", RED), Message("assistant", ("ok",)), _user(BLUE, "then", RED, "end")
+    )
     assert many.usage.image_tokens == 3 * one.usage.image_tokens
 
 

@@ -23,11 +23,14 @@ HAS_NVML = ctypes.util.find_library("nvidia-ml") is not None
 class NVMLError(Exception):
     """Like pynvml.NVMLError: carries the NVML return code in `.value`."""
 
-    TEXT: ClassVar[dict[int, str]] = {NOT_SUPPORTED: "Not Supported",
-                                      NO_PERMISSION: "Insufficient Permissions",
-                                      DRIVER_NOT_LOADED: "Driver Not Loaded",
-                                      FUNCTION_NOT_FOUND: "Function Not Found",
-                                      GPU_IS_LOST: "GPU is lost", UNKNOWN: "Unknown Error"}
+    TEXT: ClassVar[dict[int, str]] = {
+        NOT_SUPPORTED: "Not Supported",
+        NO_PERMISSION: "Insufficient Permissions",
+        DRIVER_NOT_LOADED: "Driver Not Loaded",
+        FUNCTION_NOT_FOUND: "Function Not Found",
+        GPU_IS_LOST: "GPU is lost",
+        UNKNOWN: "Unknown Error",
+    }
 
     def __init__(self, value: int) -> None:
         super().__init__(value)
@@ -125,20 +128,43 @@ class FakeNvml:
 def h100(**over: Any) -> dict[str, Any]:
     """A healthy data-centre GPU: every field supported, no retired pages (row remapping instead)."""
     dev: dict[str, Any] = {
-        "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0c1f3f2e-aaaa-bbbb-cccc-1234567890ab",
-        "memory": (5 * 1024**3, 80 * 1024**3), "util": 37, "temp": 41, "slowdown": 87, "power_mw": 123456,
-        "limit_mw": 700000, "events": 0x1 | 0x4, "ecc_unc": 0, "ecc_corr": 2, "rows": (0, 0, 0, 0),
-        "fail": {"retired_pending": NOT_SUPPORTED}}
+        "name": "NVIDIA H100 80GB HBM3",
+        "uuid": "GPU-0c1f3f2e-aaaa-bbbb-cccc-1234567890ab",
+        "memory": (5 * 1024**3, 80 * 1024**3),
+        "util": 37,
+        "temp": 41,
+        "slowdown": 87,
+        "power_mw": 123456,
+        "limit_mw": 700000,
+        "events": 0x1 | 0x4,
+        "ecc_unc": 0,
+        "ecc_corr": 2,
+        "rows": (0, 0, 0, 0),
+        "fail": {"retired_pending": NOT_SUPPORTED},
+    }
     return dev | over
 
 
 def geforce() -> dict[str, Any]:
     """A workstation card: bytes name (older pynvml), no ECC, no power reading, an old driver."""
-    return {"name": b"NVIDIA RTX A2000", "uuid": b"GPU-2", "memory": (0, 6 * 1024**3), "util": 0,
-            "temp": 30, "throttle": 0x40 | 0x400,
-            "fail": {"slowdown": NOT_SUPPORTED, "power_mw": NOT_SUPPORTED, "limit_mw": NOT_SUPPORTED,
-                     "ecc_unc": NOT_SUPPORTED, "ecc_corr": NOT_SUPPORTED, "retired_pending": NOT_SUPPORTED,
-                     "rows": NOT_SUPPORTED, "events": FUNCTION_NOT_FOUND}}
+    return {
+        "name": b"NVIDIA RTX A2000",
+        "uuid": b"GPU-2",
+        "memory": (0, 6 * 1024**3),
+        "util": 0,
+        "temp": 30,
+        "throttle": 0x40 | 0x400,
+        "fail": {
+            "slowdown": NOT_SUPPORTED,
+            "power_mw": NOT_SUPPORTED,
+            "limit_mw": NOT_SUPPORTED,
+            "ecc_unc": NOT_SUPPORTED,
+            "ecc_corr": NOT_SUPPORTED,
+            "retired_pending": NOT_SUPPORTED,
+            "rows": NOT_SUPPORTED,
+            "events": FUNCTION_NOT_FOUND,
+        },
+    }
 
 
 # --- the real library on this machine ----------------------------------------------------------------
@@ -153,7 +179,8 @@ def test_without_a_driver_the_snapshot_says_so_in_plain_words() -> None:
     assert json.loads(json.dumps(snap)) == snap
     assert critical_reasons(snap, 85, True) == []
     assert critical_reasons(snap, 85, True, require_gpu=True) == [
-        "no usable GPU: NVML library not found (no NVIDIA driver installed)"]
+        "no usable GPU: NVML library not found (no NVIDIA driver installed)"
+    ]
 
 
 @pytest.mark.skipif(not HAS_NVML, reason="no NVIDIA driver on this machine")
@@ -182,16 +209,36 @@ def test_snapshot_of_two_gpus_with_unsupported_fields_as_none() -> None:
     assert snap["cuda_version"] == "12.4" and snap["polled_at"].endswith("+00:00")
     first, second = snap["devices"]
     assert first == {
-        "index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0c1f3f2e-aaaa-bbbb-cccc-1234567890ab",
-        "memory_used_mb": 5120, "memory_total_mb": 81920, "utilization_gpu_pct": 37, "temperature_c": 41,
+        "index": 0,
+        "name": "NVIDIA H100 80GB HBM3",
+        "uuid": "GPU-0c1f3f2e-aaaa-bbbb-cccc-1234567890ab",
+        "memory_used_mb": 5120,
+        "memory_total_mb": 81920,
+        "utilization_gpu_pct": 37,
+        "temperature_c": 41,
         "temperature_slowdown_c": 87,
-        "power_w": 123.5, "power_limit_w": 700.0, "clocks_throttle_reasons": ["gpu_idle", "sw_power_cap"],
-        "ecc_uncorrected_volatile": 0, "ecc_corrected_volatile": 2, "retired_pages_pending": None,
-        "remapped_rows_pending": False, "remapped_rows_failure": False, "gpu_lost": False, "errors": {}}
+        "power_w": 123.5,
+        "power_limit_w": 700.0,
+        "clocks_throttle_reasons": ["gpu_idle", "sw_power_cap"],
+        "ecc_uncorrected_volatile": 0,
+        "ecc_corrected_volatile": 2,
+        "retired_pages_pending": None,
+        "remapped_rows_pending": False,
+        "remapped_rows_failure": False,
+        "gpu_lost": False,
+        "errors": {},
+    }
     assert second["name"] == "NVIDIA RTX A2000" and second["uuid"] == "GPU-2"
-    for field in ("temperature_slowdown_c", "power_w", "power_limit_w", "ecc_uncorrected_volatile",
-                  "ecc_corrected_volatile", "retired_pages_pending", "remapped_rows_pending",
-                  "remapped_rows_failure"):
+    for field in (
+        "temperature_slowdown_c",
+        "power_w",
+        "power_limit_w",
+        "ecc_uncorrected_volatile",
+        "ecc_corrected_volatile",
+        "retired_pages_pending",
+        "remapped_rows_pending",
+        "remapped_rows_failure",
+    ):
         assert second[field] is None, field
     # An old driver lacks the "clocks event" call: the older "throttle reasons" call answers instead.
     assert second["clocks_throttle_reasons"] == ["hw_thermal_slowdown", "other_0x400"]
@@ -202,8 +249,10 @@ def test_other_field_errors_are_none_and_noted() -> None:
     snap = GpuMonitor(nvml=FakeNvml([h100(fail={"util": UNKNOWN, "temp": NO_PERMISSION})])).poll_once()
     dev = snap["devices"][0]
     assert dev["utilization_gpu_pct"] is None and dev["temperature_c"] is None
-    assert dev["errors"] == {"utilization_gpu_pct": "Unknown Error",
-                             "temperature_c": "Insufficient Permissions"}
+    assert dev["errors"] == {
+        "utilization_gpu_pct": "Unknown Error",
+        "temperature_c": "Insufficient Permissions",
+    }
     assert dev["memory_total_mb"] == 81920  # the rest is still read
 
 
@@ -211,14 +260,21 @@ def test_a_lost_gpu_is_critical() -> None:
     snap = GpuMonitor(nvml=FakeNvml([h100(fail={"temp": GPU_IS_LOST, "util": GPU_IS_LOST})])).poll_once()
     assert snap["devices"][0]["gpu_lost"] is True
     assert critical_reasons(snap, None, False) == [
-        "GPU 0 (NVIDIA H100 80GB HBM3): GPU is lost (fell off the bus); reset the GPU or reboot"]
+        "GPU 0 (NVIDIA H100 80GB HBM3): GPU is lost (fell off the bus); reset the GPU or reboot"
+    ]
 
 
-@pytest.mark.parametrize(("code", "reason"), [
-    (DRIVER_NOT_LOADED, "NVIDIA driver not loaded (is the nvidia kernel module installed?)"),
-    (NO_PERMISSION,
-     "no permission to open the NVIDIA devices (check /dev/nvidia* and the unit's DeviceAllow=)"),
-    (UNKNOWN, "NVML error: Unknown Error")])
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (DRIVER_NOT_LOADED, "NVIDIA driver not loaded (is the nvidia kernel module installed?)"),
+        (
+            NO_PERMISSION,
+            "no permission to open the NVIDIA devices (check /dev/nvidia* and the unit's DeviceAllow=)",
+        ),
+        (UNKNOWN, "NVML error: Unknown Error"),
+    ],
+)
 def test_init_failures_have_plain_reasons(code: int, reason: str) -> None:
     fake = FakeNvml([h100()])
     fake.init_error = code
@@ -239,7 +295,8 @@ def test_critical_reasons_temperature_and_memory_errors() -> None:
         f"{label}: temperature 91 °C above the limit of 85 °C",
         f"{label}: 3 uncorrected ECC memory errors since the driver loaded; reset the GPU",
         f"{label}: memory rows are waiting to be remapped; reset the GPU",
-        f"{label}: memory row remapping failed; the GPU needs service"]
+        f"{label}: memory row remapping failed; the GPU needs service",
+    ]
     assert critical_reasons(snap, None, False) == []
     assert critical_reasons(snap, 91, False) == []  # at the limit is not above it
 
@@ -248,7 +305,8 @@ def test_retired_pages_pending_is_critical_on_older_gpus() -> None:
     snap = GpuMonitor(nvml=FakeNvml([h100(retired_pending=1, fail={})])).poll_once()
     assert snap["devices"][0]["retired_pages_pending"] is True
     assert critical_reasons(snap, None, True) == [
-        "GPU 0 (NVIDIA H100 80GB HBM3): memory pages are waiting to be retired; reset the GPU"]
+        "GPU 0 (NVIDIA H100 80GB HBM3): memory pages are waiting to be retired; reset the GPU"
+    ]
 
 
 def test_snapshot_is_a_copy() -> None:
@@ -337,6 +395,8 @@ def test_a_value_of_the_wrong_shape_is_none_and_noted() -> None:
     snap = GpuMonitor(nvml=FakeNvml([h100(temp="hot", rows=(1,))])).poll_once()
     dev = snap["devices"][0]
     assert dev["temperature_c"] is None and dev["remapped_rows_pending"] is None
-    assert dev["errors"] == {"temperature_c": "unexpected value from NVML (ValueError)",
-                             "remapped_rows": "unexpected value from NVML (IndexError)"}
+    assert dev["errors"] == {
+        "temperature_c": "unexpected value from NVML (ValueError)",
+        "remapped_rows": "unexpected value from NVML (IndexError)",
+    }
     assert json.loads(json.dumps(snap)) == snap and dev["utilization_gpu_pct"] == 37

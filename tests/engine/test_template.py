@@ -47,9 +47,15 @@ def test_importing_the_template_does_not_import_llama_cpp() -> None:
 def test_qwen3vl_text_conversation_renders() -> None:
     segments = _template().segments([Message("system", ("Be brief.",)), Message("user", ("Hello",))])
     assert _joined(segments) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert [(s.kind, s.shared) for s in segments] == [
-        ("template", True), ("user", True), ("template", True), ("user", False), ("template", True)]
+        ("template", True),
+        ("user", True),
+        ("template", True),
+        ("user", False),
+        ("template", True),
+    ]
     assert [s.text for s in segments if s.kind == "user"] == ["Be brief.", "Hello"]
 
 

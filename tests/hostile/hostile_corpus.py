@@ -53,17 +53,20 @@ class Case:
 # --- how requests are sent -------------------------------------------------------------------------
 
 
-def post(path: str, body: Any = None, content: bytes | None = None, headers: dict[str, str] | None = None,
-         ) -> Send:
+def post(
+    path: str, body: Any = None, content: bytes | None = None, headers: dict[str, str] | None = None
+) -> Send:
     def go(t: Target) -> int:
         with t.d.client(timeout=60) as c:
             return c.post(path, json=body, content=content, headers=headers).status_code
+
     return go
 
 
 def chat(content: Any, **extra: Any) -> Send:
-    return post("/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
-                                         "max_tokens": 2, **extra})
+    return post(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+    )
 
 
 def image(url: str) -> Send:
@@ -80,12 +83,16 @@ def raw_body(body: bytes, ctype: str = "application/json") -> Send:
 
 def raw(head: Callable[[Target], bytes], body: bytes = b"") -> Send:
     """Bytes straight onto a mutual-TLS socket, for what httpx refuses to send (CR, LF, NUL, duplicates)."""
+
     def go(t: Target) -> int:
         ctx = t.d.ssl_context()
-        with socket.create_connection(("127.0.0.1", t.port), timeout=30) as s, \
-                ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", t.port), timeout=30) as s,
+            ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls,
+        ):
             tls.sendall(head(t) + body)
             return status_of(tls)
+
     return go
 
 
@@ -99,13 +106,20 @@ def status_of(tls: ssl.SSLSocket) -> int:
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else -1
 
 
-def request_head(auth: bytes | None = None, extra: bytes = b"", length: int | None = 0,
-                 path: bytes = b"/v1/chat/completions") -> Callable[[Target], bytes]:
+def request_head(
+    auth: bytes | None = None,
+    extra: bytes = b"",
+    length: int | None = 0,
+    path: bytes = b"/v1/chat/completions",
+) -> Callable[[Target], bytes]:
     def build(t: Target) -> bytes:
         token = auth if auth is not None else b"Bearer " + t.d.setup.token.encode()
         size = b"" if length is None else b"content-length: %d\r\n" % length
-        return (b"POST " + path + b" HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: " + token + b"\r\n"
-                b"content-type: application/json\r\n" + size + extra + b"\r\n")
+        return (
+            b"POST " + path + b" HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: " + token + b"\r\n"
+            b"content-type: application/json\r\n" + size + extra + b"\r\n"
+        )
+
     return build
 
 
@@ -116,11 +130,13 @@ def raw_chat(auth: Callable[[Target], bytes] | bytes | None = None, extra: bytes
     def go(t: Target) -> int:
         token = auth(t) if callable(auth) else auth
         return raw(request_head(token, extra, len(SMALL)), SMALL)(t)
+
     return go
 
 
 def tls_attempt(cert: str | None = None, version: ssl.TLSVersion | None = None) -> Send:
     """A handshake that must fail: no certificate, a foreign or expired one, or an old TLS version."""
+
     def go(t: Target) -> int:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(str(t.d.setup.ca_cert))
@@ -132,13 +148,16 @@ def tls_attempt(cert: str | None = None, version: ssl.TLSVersion | None = None) 
         if cert is not None:
             ctx.load_cert_chain(*map(str, t.certs[cert]))
         try:
-            with socket.create_connection(("127.0.0.1", t.port), timeout=10) as s, \
-                    ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+            with (
+                socket.create_connection(("127.0.0.1", t.port), timeout=10) as s,
+                ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls,
+            ):
                 tls.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
                 got = status_of(tls)  # TLS 1.3: the server's verdict on the certificate comes after
         except (ssl.SSLError, ConnectionError):
             return TLS_REFUSED
         return TLS_REFUSED if got == -1 else got
+
     return go
 
 
@@ -152,8 +171,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_claiming(width: int, height: int) -> bytes:
     """A few hundred bytes whose header claims width x height pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 4096, 9)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 4096, 9))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def encoded(fmt: str, size: tuple[int, int], **kw: Any) -> bytes:
@@ -191,15 +214,21 @@ def image_cases() -> list[Case]:
     return [
         Case("png-bomb-20000x20000", image(data_uri(png_claiming(20000, 20000))), 413),
         Case("png-bomb-real-5000x5000", image(data_uri(encoded("PNG", (5000, 5000), optimize=False))), 413),
-        Case("webp-bomb-lossless-3000x3000", image(data_uri(encoded("WEBP", (3000, 3000), lossless=True),
-                                                            "image/webp")), 413),
+        Case(
+            "webp-bomb-lossless-3000x3000",
+            image(data_uri(encoded("WEBP", (3000, 3000), lossless=True), "image/webp")),
+            413,
+        ),
         Case("png-0x0", image(data_uri(png_claiming(0, 0))), 400),
         Case("png-1x100000", image(data_uri(png_claiming(1, 100000))), 413),
         Case("png-truncated", image(data_uri(png_bytes()[:80])), 400),
         Case("png-corrupt-idat", image(data_uri(corrupt_png())), 400),
         Case("jpeg-truncated", image(data_uri(encoded("JPEG", (64, 64))[:300], "image/jpeg")), 400),
-        Case("jpeg-corrupt-after-soi", image(data_uri(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50,
-                                                      "image/jpeg")), 400),
+        Case(
+            "jpeg-corrupt-after-soi",
+            image(data_uri(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50, "image/jpeg")),
+            400,
+        ),
         Case("gif-refused", image(data_uri(encoded("GIF", (8, 8)))), 415),
         Case("bmp-refused", image(data_uri(encoded("BMP", (8, 8)))), 415),
         Case("tiff-refused", image(data_uri(encoded("TIFF", (8, 8)))), 415),
@@ -208,29 +237,48 @@ def image_cases() -> list[Case]:
         Case("svg-mime-refused", image(data_uri(SVG, "image/svg+xml")), 400),
         Case("polyglot-png-zip-decoded-as-png", image(data_uri(polyglot_png_zip())), 200),
         Case("gifar-refused", image(data_uri(gifar())), 415),
-        Case("base64-with-spaces", image("data:image/png;base64," + " ".join(B64[i:i + 8]
-                                                                             for i in range(0, 64, 8))
-                                         + B64[64:]), 400),
+        Case(
+            "base64-with-spaces",
+            image("data:image/png;base64," + " ".join(B64[i : i + 8] for i in range(0, 64, 8)) + B64[64:]),
+            400,
+        ),
         Case("base64-mime-line-breaks", image("data:image/png;base64," + B64[:76] + "\r\n" + B64[76:]), 400),
         Case("base64-padding-stripped", image("data:image/png;base64," + B64.rstrip("=") + "A"), 400),
         Case("base64-extra-padding", image("data:image/png;base64," + B64 + "=="), 400),
-        Case("base64-urlsafe-alphabet", image("data:image/png;base64," + B64.replace("/", "_")
-                                              .replace("+", "-") + "-_"), 400),
+        Case(
+            "base64-urlsafe-alphabet",
+            image("data:image/png;base64," + B64.replace("/", "_").replace("+", "-") + "-_"),
+            400,
+        ),
         Case("base64-huge-2MB", image("data:image/png;base64," + "A" * 2_000_000), 413),
         Case("data-uri-unicode-case-fold", image("data:image/png;ba\u017fe64," + B64), 400),
         Case("data-uri-not-base64", image("data:image/png;utf8,\x89PNG"), 400),
         Case("data-text-html", image("data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg=="), 400),
-        Case("ten-thousand-image-parts", chat([{"type": "image_url", "image_url": {"url": data_uri(
-            png_bytes(size=(1, 1)))}}] * 10_000), 400),
+        Case(
+            "ten-thousand-image-parts",
+            chat([{"type": "image_url", "image_url": {"url": data_uri(png_bytes(size=(1, 1)))}}] * 10_000),
+            400,
+        ),
     ]
 
 
 def url_cases() -> list[Case]:
-    schemes = ["http://169.254.169.254/latest/meta-data/", "https://example.com/a.png", "file:///etc/passwd",
-               "ftp://host/a.png", "gopher://127.0.0.1:6379/_INFO", "dict://127.0.0.1:11211/stats",
-               "ldap://host/dc=x", "smb://host/share/a.png", "jar:http://host/a.jar!/a.png",
-               "javascript:alert(1)", "blob:https://host/uuid", "ws://127.0.0.1/", "//host/a.png",
-               "\\\\host\\share\\a.png"]
+    schemes = [
+        "http://169.254.169.254/latest/meta-data/",
+        "https://example.com/a.png",
+        "file:///etc/passwd",
+        "ftp://host/a.png",
+        "gopher://127.0.0.1:6379/_INFO",
+        "dict://127.0.0.1:11211/stats",
+        "ldap://host/dc=x",
+        "smb://host/share/a.png",
+        "jar:http://host/a.jar!/a.png",
+        "javascript:alert(1)",
+        "blob:https://host/uuid",
+        "ws://127.0.0.1/",
+        "//host/a.png",
+        "\\\\host\\share\\a.png",
+    ]
     return [Case(f"url-{u.split(':')[0].strip('/') or 'unc'}", image(u), 400) for u in schemes]
 
 
@@ -267,8 +315,13 @@ def numeric_cases() -> list[Case]:
     cases = []
     for field, values in bad.items():
         for v in values:
-            body = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"' + field.encode() \
-                + b'":' + v.encode() + b"}"
+            body = (
+                b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"'
+                + field.encode()
+                + b'":'
+                + v.encode()
+                + b"}"
+            )
             if field == "max_tokens":
                 body = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":' + v.encode() + b"}"
             cases.append(Case(f"number-{field}={v}", raw_body(body), 400))
@@ -292,10 +345,20 @@ def body_cases() -> list[Case]:
         Case("ctype-multipart", raw_body(b"--b\r\n\r\nhi\r\n--b--", "multipart/form-data; boundary=b"), 415),
         Case("ctype-json-lookalike", raw_body(SMALL, "application/json-patch+json"), 415),
         Case("body-over-limit-declared", raw(request_head(length=3_500_000)), 413),
-        Case("chunked-body-over-limit", post("/v1/chat/completions", content=iter([b" " * 1_000_000] * 4),
-                                             headers={"content-type": "application/json"}), 413),
-        Case("content-length-not-a-number", raw(request_head(length=None, extra=b"content-length: 1e3\r\n")),
-             400),
+        Case(
+            "chunked-body-over-limit",
+            post(
+                "/v1/chat/completions",
+                content=iter([b" " * 1_000_000] * 4),
+                headers={"content-type": "application/json"},
+            ),
+            413,
+        ),
+        Case(
+            "content-length-not-a-number",
+            raw(request_head(length=None, extra=b"content-length: 1e3\r\n")),
+            400,
+        ),
     ]
 
 
@@ -318,10 +381,20 @@ def header_cases() -> list[Case]:
         Case("content-length-twice", raw_chat(extra=b"content-length: 5\r\n"), 400),
         Case("content-length-and-chunked", raw_chat(extra=b"transfer-encoding: chunked\r\n"), 400),
         Case("obsolete-line-folding", raw_chat(extra=b"x-a: 1\r\n folded\r\n"), 400),
-        Case("headers-over-64k", raw_chat(extra=b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000)
-                                                         for i in range(80))), 431),
-        Case("forwarded-for-spoof-ignored", post("/v1/chat/completions", {"messages": [{"role": "user",
-             "content": "hi"}], "max_tokens": 2}, headers={"x-forwarded-for": "10.9.9.9"}), 200),
+        Case(
+            "headers-over-64k",
+            raw_chat(extra=b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80))),
+            431,
+        ),
+        Case(
+            "forwarded-for-spoof-ignored",
+            post(
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                headers={"x-forwarded-for": "10.9.9.9"},
+            ),
+            200,
+        ),
     ]
 
 
@@ -329,6 +402,7 @@ def raw_dup_auth() -> Send:
     def go(t: Target) -> int:
         token = b"Bearer " + t.d.setup.token.encode()
         return raw(request_head(b"Bearer junk", b"authorization: " + token + b"\r\n", len(SMALL)), SMALL)(t)
+
     return go
 
 
@@ -344,8 +418,15 @@ def tls_cases() -> list[Case]:
 
 
 def all_cases() -> list[Case]:
-    return (image_cases() + url_cases() + path_cases() + numeric_cases() + body_cases() + header_cases()
-            + tls_cases())
+    return (
+        image_cases()
+        + url_cases()
+        + path_cases()
+        + numeric_cases()
+        + body_cases()
+        + header_cases()
+        + tls_cases()
+    )
 
 
 def quick(t: Target) -> httpx.Response:

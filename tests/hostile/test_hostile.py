@@ -25,10 +25,13 @@ from appliance.security import pki
 
 RSS_BOUND = 200 * 2**20  # growth allowed over the whole corpus
 CASES = all_cases()
-LIMITS = {"max_body_bytes = 20_000_000": "max_body_bytes = 3_000_000",
-          "max_image_bytes = 10_000_000": "max_image_bytes = 1_000_000",
-          "max_image_pixels = 16_000_000": "max_image_pixels = 1_000_000",
-          "max_images = 8": "max_images = 4", "max_tokens = 2048": "max_tokens = 16"}
+LIMITS = {
+    "max_body_bytes = 20_000_000": "max_body_bytes = 3_000_000",
+    "max_image_bytes = 10_000_000": "max_image_bytes = 1_000_000",
+    "max_image_pixels = 16_000_000": "max_image_pixels = 1_000_000",
+    "max_images = 8": "max_images = 4",
+    "max_tokens = 2048": "max_tokens = 16",
+}
 
 
 def test_the_corpus_is_big_enough() -> None:
@@ -63,8 +66,11 @@ def target(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> I
     furnish(setup.policy.parent)
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
     expired = issue_client_cert(setup, "expired", days=1, valid_from=past)[:2]
-    certs = {"tester": (setup.client_cert, setup.client_key), "expired": expired,
-             "foreign": foreign_cert(root)}
+    certs = {
+        "tester": (setup.client_cert, setup.client_key),
+        "expired": expired,
+        "foreign": foreign_cert(root),
+    }
     d = start_daemon(setup, port, root / "daemon.log")
     try:
         yield Target(d, setup.policy.parent, certs)
@@ -126,8 +132,11 @@ def test_slowloris_is_cut_off_and_others_are_served(target: Target) -> None:
     for s in heads:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
     for s in bodies:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + token
-                  + b"\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{")
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+            + token
+            + b"\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{"
+        )
     started = time.monotonic()
     held = silent + heads + bodies
     while time.monotonic() - started < BODY_TIMEOUT_S + 15 and not all(closed_by_server(s) for s in held):

@@ -79,23 +79,33 @@ def test_manifest_entries_are_complete_unique_and_default_is_smallest_q4() -> No
             assert len(e.model.sha256) == 64 and e.model.size and e.mmproj.size and len(e.mmproj.sha256) == 64
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace('name = "qwen3-vl-2b-instruct-q8_0"', 'name = "qwen3-vl-2b-instruct-q4_k_m"'),
-     "duplicate model names"),
-    (lambda t: t.replace('sha256 = "089d', 'sha256 = "zz9d', 1), "64 hex digits"),
-    (lambda t: t.replace("mmproj_size = 819394848\n", "", 1), "missing mmproj_size"),
-    (lambda t: t.replace('file = "Qwen3VL-2B-Instruct-Q4_K_M.gguf"', 'file = "../evil.gguf"'), "not valid"),
-])
-def test_a_broken_manifest_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                      edit: Callable[[str], str], message: str) -> None:
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda t: t.replace('name = "qwen3-vl-2b-instruct-q8_0"', 'name = "qwen3-vl-2b-instruct-q4_k_m"'),
+            "duplicate model names",
+        ),
+        (lambda t: t.replace('sha256 = "089d', 'sha256 = "zz9d', 1), "64 hex digits"),
+        (lambda t: t.replace("mmproj_size = 819394848\n", "", 1), "missing mmproj_size"),
+        (
+            lambda t: t.replace('file = "Qwen3VL-2B-Instruct-Q4_K_M.gguf"', 'file = "../evil.gguf"'),
+            "not valid",
+        ),
+    ],
+)
+def test_a_broken_manifest_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[str], str], message: str
+) -> None:
     bad = tmp_path / "manifest.toml"
     bad.write_text(edit(MANIFEST.read_text()))
     assert main(["model", "list", "--manifest", str(bad), "--models-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_list_shows_entries_default_and_digest_state(models: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_shows_entries_default_and_digest_state(
+    models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["model", "list", "--models-dir", str(models)]) == 0
     out = capsys.readouterr().out
     assert "qwen3-vl-2b-instruct-q4_k_m *" in out and "qwen3-vl-8b-instruct-q8_0" in out
@@ -106,14 +116,17 @@ def test_list_shows_entries_default_and_digest_state(models: Path,
 
 
 def test_import_unlisted_installs_read_only_and_prints_policy_lines(
-        tiny_model: TinyModel, models: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_model: TinyModel, models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv(MODELS_ENV, str(models))  # the default when --models-dir is absent
     assert main(["model", "import", str(tiny_model.model), str(tiny_model.mmproj), "--unlisted"]) == 0
     keys = policy_keys(capsys.readouterr().out)
-    assert keys == {"path": str(models / tiny_model.model.name),
-                    "mmproj": str(models / tiny_model.mmproj.name),
-                    "sha256": sha(tiny_model.model), "mmproj_sha256": sha(tiny_model.mmproj)}
+    assert keys == {
+        "path": str(models / tiny_model.model.name),
+        "mmproj": str(models / tiny_model.mmproj.name),
+        "sha256": sha(tiny_model.model),
+        "mmproj_sha256": sha(tiny_model.mmproj),
+    }
     for name in (tiny_model.model.name, tiny_model.mmproj.name):
         assert stat.S_IMODE((models / name).stat().st_mode) == 0o444
     assert stat.S_IMODE(models.stat().st_mode) == 0o755
@@ -123,14 +136,16 @@ def test_import_unlisted_installs_read_only_and_prints_policy_lines(
 
 
 def test_import_refuses_a_file_the_manifest_does_not_know(
-        tiny_model: TinyModel, models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_model: TinyModel, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["model", "import", str(tiny_model.model), "--models-dir", str(models)]) == 2
     assert "--unlisted" in capsys.readouterr().err
     assert not models.exists()
 
 
 def test_import_refuses_a_listed_file_whose_digest_differs(
-        tiny_model: TinyModel, tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_model: TinyModel, tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake = tmp_path / "usb" / "Qwen3VL-2B-Instruct-Q4_K_M.gguf"  # right name, wrong bytes
     fake.parent.mkdir()
     shutil.copy(tiny_model.model, fake)
@@ -158,7 +173,8 @@ default = true
 
 
 def test_import_by_name_installs_under_manifest_names_and_enforces_the_pin(
-        tiny_model: TinyModel, tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_model: TinyModel, tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = write_manifest(tmp_path / "manifest.toml")
     args = ["--name", "tiny", "--manifest", str(manifest), "--models-dir", str(models)]
     assert main(["model", "import", str(tiny_model.mmproj), str(tiny_model.model), *args]) == 0
@@ -166,8 +182,11 @@ def test_import_by_name_installs_under_manifest_names_and_enforces_the_pin(
     assert keys["path"].endswith("tiny-model.gguf") and keys["sha256"] == sha(tiny_model.model)
     assert keys["mmproj"].endswith("tiny-mmproj.gguf") and keys["mmproj_sha256"] == sha(tiny_model.mmproj)
     other = tmp_path / "other"  # another build of "the same" model must not replace the pinned one
-    subprocess.run([sys.executable, str(ROOT / "tools/make_tiny_model.py"), str(other), "--seed", "7"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools/make_tiny_model.py"), str(other), "--seed", "7"],
+        check=True,
+        capture_output=True,
+    )
     assert main(["model", "import", str(other / tiny_model.model.name), *args]) == 2
     err = capsys.readouterr().err
     assert "tiny-model.gguf: SHA-256 is" in err and "its pin in pins.toml" in err
@@ -175,7 +194,8 @@ def test_import_by_name_installs_under_manifest_names_and_enforces_the_pin(
 
 
 def test_import_refuses_a_projector_under_the_model_name(
-        tiny_model: TinyModel, tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_model: TinyModel, tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = write_manifest(tmp_path / "manifest.toml")  # no digests, so only the role can catch it
     swapped = tmp_path / "tiny-model.gguf"
     shutil.copy(tiny_model.mmproj, swapped)
@@ -187,8 +207,20 @@ def test_import_refuses_a_projector_under_the_model_name(
 
 @pytest.fixture()
 def installed(tiny_model: TinyModel, models: Path, capsys: pytest.CaptureFixture[str]) -> TinyModel:
-    assert main(["model", "import", str(tiny_model.model), str(tiny_model.mmproj), "--unlisted",
-                 "--models-dir", str(models)]) == 0
+    assert (
+        main(
+            [
+                "model",
+                "import",
+                str(tiny_model.model),
+                str(tiny_model.mmproj),
+                "--unlisted",
+                "--models-dir",
+                str(models),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     return TinyModel(models / tiny_model.model.name, models / tiny_model.mmproj.name)
 
@@ -201,7 +233,8 @@ def flip_byte(path: Path, offset: int = -100) -> None:
 
 
 def test_verify_passes_then_names_a_file_with_a_flipped_byte(
-        installed: TinyModel, models: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    installed: TinyModel, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["model", "verify", "--models-dir", str(models)]) == 0
     assert "OK: 2 model files verified" in capsys.readouterr().out
     flip_byte(installed.mmproj)
@@ -211,15 +244,17 @@ def test_verify_passes_then_names_a_file_with_a_flipped_byte(
     assert str(installed.mmproj) in err and str(installed.model) not in err
 
 
-def test_verify_refuses_a_file_nothing_pins(installed: TinyModel, models: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_refuses_a_file_nothing_pins(
+    installed: TinyModel, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shutil.copy(installed.model, models / "dropped-in.gguf")
     assert main(["model", "verify", "--models-dir", str(models)]) == 2
     assert "UNPINNED" in capsys.readouterr().out
 
 
-def test_verify_against_the_policy_pins(installed: TinyModel, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_against_the_policy_pins(
+    installed: TinyModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     setup = init(tmp_path / "setup", model=installed.model, mmproj=installed.mmproj)
     text = setup.policy.read_text()  # init pins both digests
     assert f'sha256 = "{sha(installed.model)}"' in text
@@ -235,11 +270,17 @@ def test_verify_against_the_policy_pins(installed: TinyModel, tmp_path: Path,
 
 
 def test_info_shows_architecture_name_quantization_and_chat_template(
-        tiny_model: TinyModel, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_model: TinyModel, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["model", "info", str(tiny_model.model)]) == 0
     out = capsys.readouterr().out
-    for line in ("architecture     qwen3vl", "name             tiny-qwen3vl", "file type        Q8_0",
-                 "context length   4096", "<|im_start|>"):
+    for line in (
+        "architecture     qwen3vl",
+        "name             tiny-qwen3vl",
+        "file type        Q8_0",
+        "context length   4096",
+        "<|im_start|>",
+    ):
         assert line in out
     assert main(["model", "info", str(tiny_model.mmproj)]) == 0
     out = capsys.readouterr().out
@@ -284,12 +325,16 @@ HOSTILE = {  # name: (bytes, the reason the error must give)
     "big-endian": (b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + PAD, "big-endian"),
     "huge kv count": (header(kvs=2**63) + PAD, "claims 9223372036854775808 metadata entries"),
     "huge key length": (header() + struct.pack("<Q", 2**62) + PAD, "key #1 claims"),
-    "huge string value": (header() + key(b"general.name", 8) + struct.pack("<Q", 2**40) + PAD,
-                          "value of general.name claims"),
+    "huge string value": (
+        header() + key(b"general.name", 8) + struct.pack("<Q", 2**40) + PAD,
+        "value of general.name claims",
+    ),
     "huge array": (header() + key(b"a", 9) + struct.pack("<IQ", 4, 2**60) + PAD, "array claims"),
     "huge string array": (header() + key(b"a", 9) + struct.pack("<IQ", 8, 2**30) + PAD, "array claims"),
-    "string array item": (header() + key(b"a", 9) + struct.pack("<IQ", 8, 17) + struct.pack("<Q", 2**50)
-                          + PAD * 3, "item of a claims"),
+    "string array item": (
+        header() + key(b"a", 9) + struct.pack("<IQ", 8, 17) + struct.pack("<Q", 2**50) + PAD * 3,
+        "item of a claims",
+    ),
     "nested array": (header() + key(b"a", 9) + struct.pack("<IQ", 9, 1) + PAD, "nested arrays"),
     "unknown type": (header() + key(b"a", 99) + PAD, "value type 99"),
     "bad utf-8 key": (header() + key(b"\xff\xfe", 4) + PAD, "not valid UTF-8"),
@@ -300,8 +345,9 @@ HOSTILE = {  # name: (bytes, the reason the error must give)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_info_refuses_hostile_headers_cleanly(name: str, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_refuses_hostile_headers_cleanly(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, reason = HOSTILE[name]
     path = tmp_path / "hostile.gguf"
     path.write_bytes(data)
@@ -313,8 +359,9 @@ def test_info_refuses_hostile_headers_cleanly(name: str, tmp_path: Path,
     assert "Traceback" not in err
 
 
-def test_info_refuses_a_truncated_real_model(tiny_model: TinyModel, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_refuses_a_truncated_real_model(
+    tiny_model: TinyModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for cut in (3, 20, 200, 5000):
         path = tmp_path / f"cut{cut}.gguf"
         path.write_bytes(tiny_model.model.read_bytes()[:cut])
@@ -322,8 +369,9 @@ def test_info_refuses_a_truncated_real_model(tiny_model: TinyModel, tmp_path: Pa
         assert "not a valid GGUF file" in capsys.readouterr().err
 
 
-def test_import_refuses_garbage_even_when_unlisted(tmp_path: Path, models: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_refuses_garbage_even_when_unlisted(
+    tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"\x7fELF" + os.urandom(100))
     assert main(["model", "import", str(junk), "--unlisted", "--models-dir", str(models)]) == 2
@@ -344,7 +392,8 @@ def test_info_escapes_terminal_control_characters(tmp_path: Path, capsys: pytest
 
 
 def test_pull_with_hf_hub_offline_refuses_at_once_with_the_import_hint(
-        models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    models: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["model", "pull", "--models-dir", str(models)]) == 2
     err = capsys.readouterr().err
@@ -356,9 +405,23 @@ def test_pull_from_an_unreachable_hub_fails_fast(models: Path) -> None:
     env = {**os.environ, "HF_ENDPOINT": "https://127.0.0.1:9"}  # closed loopback port
     env.pop("HF_HUB_OFFLINE", None)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "appliance", "model", "pull", "qwen3-vl-4b-instruct-q8_0",
-                           "--models-dir", str(models)], env=env, capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "model",
+            "pull",
+            "qwen3-vl-4b-instruct-q8_0",
+            "--models-dir",
+            str(models),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert time.monotonic() - started < 15
     assert proc.returncode == 2, proc.stderr
     assert "unreachable at https://127.0.0.1:9" in proc.stderr and "model import" in proc.stderr
@@ -406,8 +469,10 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def fake_hub(tiny_model: TinyModel, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bytes]]:
-    files = {"tiny-model.gguf": tiny_model.model.read_bytes(),
-             "tiny-mmproj.gguf": tiny_model.mmproj.read_bytes()}
+    files = {
+        "tiny-model.gguf": tiny_model.model.read_bytes(),
+        "tiny-mmproj.gguf": tiny_model.mmproj.read_bytes(),
+    }
     handler = type("Hub", (_FakeHub,), {"files": files})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -419,8 +484,12 @@ def fake_hub(tiny_model: TinyModel, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
 
 def test_pull_verifies_installs_read_only_and_pins_what_is_unpublished(
-        fake_hub: dict[str, bytes], tiny_model: TinyModel, tmp_path: Path, models: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    fake_hub: dict[str, bytes],
+    tiny_model: TinyModel,
+    tmp_path: Path,
+    models: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     manifest = write_manifest(tmp_path / "manifest.toml", model=sha(tiny_model.model))  # mmproj: pin it
     assert main(["model", "pull", "--manifest", str(manifest), "--models-dir", str(models)]) == 0
     out, err = capsys.readouterr()
@@ -436,8 +505,12 @@ def test_pull_verifies_installs_read_only_and_pins_what_is_unpublished(
 
 
 def test_pull_refuses_a_download_that_does_not_match_the_manifest(
-        fake_hub: dict[str, bytes], tiny_model: TinyModel, tmp_path: Path, models: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    fake_hub: dict[str, bytes],
+    tiny_model: TinyModel,
+    tmp_path: Path,
+    models: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     manifest = write_manifest(tmp_path / "manifest.toml", model="0" * 64, mmproj=sha(tiny_model.mmproj))
     assert main(["model", "pull", "--manifest", str(manifest), "--models-dir", str(models)]) == 2
     assert "tiny-model.gguf: SHA-256 is" in capsys.readouterr().err
@@ -445,8 +518,9 @@ def test_pull_refuses_a_download_that_does_not_match_the_manifest(
     assert not list((models / STAGING).glob("*.gguf"))
 
 
-def test_pull_names_a_file_missing_on_the_hub(fake_hub: dict[str, bytes], tmp_path: Path, models: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_pull_names_a_file_missing_on_the_hub(
+    fake_hub: dict[str, bytes], tmp_path: Path, models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     del fake_hub["tiny-mmproj.gguf"]
     manifest = write_manifest(tmp_path / "manifest.toml")
     assert main(["model", "pull", "--manifest", str(manifest), "--models-dir", str(models)]) == 2
@@ -458,6 +532,8 @@ def test_pull_names_a_file_missing_on_the_hub(fake_hub: dict[str, bytes], tmp_pa
 
 
 def test_model_admin_never_loads_llama_cpp() -> None:
-    code = ("import sys, appliance.admin.cli, appliance.admin.model, appliance.models.install; "
-            "sys.exit('llama_cpp' in sys.modules)")
+    code = (
+        "import sys, appliance.admin.cli, appliance.admin.model, appliance.models.install; "
+        "sys.exit('llama_cpp' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -24,8 +24,14 @@ class Gated:
     tokens: dict[str, str] = field(default_factory=dict)
     certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
-    def post(self, who: str, cert: str | None = None, source: str | None = None,
-             path: str = "/v1/chat/completions", **kw: object) -> httpx.Response:
+    def post(
+        self,
+        who: str,
+        cert: str | None = None,
+        source: str | None = None,
+        path: str = "/v1/chat/completions",
+        **kw: object,
+    ) -> httpx.Response:
         c = self.certs[cert] if cert else None
         with self.d.client(token=self.tokens.get(who, who), cert=c, source=source) as client:
             if path == "/v1/models":
@@ -40,10 +46,13 @@ def prepare(setup: InitResult, g: Gated) -> None:
         g.certs[cn + "_fp"] = (Path(fp), Path(fp))
     alice_fp, bob_fp, mallory_fp = (str(g.certs[n + "_fp"][0]) for n in ("alice", "bob", "mallory"))
     policy = setup.policy
-    text = policy.read_text().replace(
-        'allow = ["127.0.0.0/8", "::1/128"]',
-        'allow = ["127.0.0.1/32", "127.0.0.2/32", "127.0.0.3/32"]').replace(
-        "revoked = []", f'revoked = ["{mallory_fp}"]')
+    text = (
+        policy.read_text()
+        .replace(
+            'allow = ["127.0.0.0/8", "::1/128"]', 'allow = ["127.0.0.1/32", "127.0.0.2/32", "127.0.0.3/32"]'
+        )
+        .replace("revoked = []", f'revoked = ["{mallory_fp}"]')
+    )
     policy.write_text(text)
     g.tokens.update(
         alice=add_client(policy, "alice", cert_cn='"alice"'),
@@ -62,8 +71,12 @@ def prepare(setup: InitResult, g: Gated) -> None:
 def gated(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> Iterator[Gated]:
     root = tmp_path_factory.mktemp("gated")
     port = free_port()
-    setup = make_setup(root / "s", tiny_model, port,
-                       {"n_ctx = 4096": "n_ctx = 32768", "max_tokens = 2048": "max_tokens = 30000"})
+    setup = make_setup(
+        root / "s",
+        tiny_model,
+        port,
+        {"n_ctx = 4096": "n_ctx = 32768", "max_tokens = 2048": "max_tokens = 30000"},
+    )
     g = Gated(d=None)  # type: ignore[arg-type]
     prepare(setup, g)
     g.d = start_daemon(setup, port, root / "daemon.log")
@@ -102,8 +115,9 @@ def test_revoked_certificate_refused_even_with_valid_token(gated: Gated) -> None
 def test_client_address_ranges_and_forwarded_for_spoofing(gated: Gated) -> None:
     assert gated.post("carol", source="127.0.0.2").status_code == 200
     refused(gated.post("carol", source="127.0.0.3"), 403, "not allowed from this address")
-    refused(gated.post("carol", headers={"x-forwarded-for": "127.0.0.2"}), 403,
-            "not allowed from this address")
+    refused(
+        gated.post("carol", headers={"x-forwarded-for": "127.0.0.2"}), 403, "not allowed from this address"
+    )
 
 
 def test_scope_expiry_disabled(gated: Gated) -> None:
@@ -124,10 +138,16 @@ def test_rate_limit_429_with_retry_after(gated: Gated) -> None:
 
 
 def test_concurrency_limit_429(gated: Gated) -> None:
-    long = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 30000,
-            "temperature": 0, "stream": True}
-    with gated.d.client(token=gated.tokens["grace"]) as c, \
-            c.stream("POST", "/v1/chat/completions", json=long) as stream:
+    long = {
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 30000,
+        "temperature": 0,
+        "stream": True,
+    }
+    with (
+        gated.d.client(token=gated.tokens["grace"]) as c,
+        c.stream("POST", "/v1/chat/completions", json=long) as stream,
+    ):
         lines = stream.iter_lines()
         next(lines)
         r = gated.post("grace")
@@ -137,8 +157,7 @@ def test_concurrency_limit_429(gated: Gated) -> None:
 
 
 def test_token_header_injection_and_odd_schemes(gated: Gated) -> None:
-    for value in ("Bearer " + gated.tokens["tester"] + "\tx", "bearer", "Token abc",
-                  "Bearer " + "a" * 5000):
+    for value in ("Bearer " + gated.tokens["tester"] + "\tx", "bearer", "Token abc", "Bearer " + "a" * 5000):
         with gated.d.client() as c:
             r = c.post("/v1/chat/completions", json=CHAT, headers={"authorization": value})
         refused(r, 401, "valid bearer token")
@@ -160,11 +179,15 @@ def test_concurrent_clients_do_not_share_limits(gated: Gated) -> None:
 
 def test_expired_client_certificate_fails_the_handshake(gated: Gated) -> None:
     import datetime as dt
+
     setup = gated.d.setup
-    crt, key, _ = issue_client_cert(setup, "oldtimer", days=1,
-                                    valid_from=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30))
-    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)), \
-            gated.d.client(cert=(crt, key)) as c:
+    crt, key, _ = issue_client_cert(
+        setup, "oldtimer", days=1, valid_from=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    )
+    with (
+        pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
+        gated.d.client(cert=(crt, key)) as c,
+    ):
         c.get("/healthz")
     assert gated.post("tester").status_code == 200
 
@@ -178,14 +201,20 @@ def test_forwarded_for_only_from_trusted_proxies(tmp_path: Path, tiny_model: Tin
     from appliance.config.load import load_policy
     from appliance.errors import Forbidden
     from appliance.security.identity import network_gate, source_ip
-    setup = make_setup(tmp_path / "s", tiny_model, free_port(), {
-        "trusted_proxies = []": 'trusted_proxies = ["10.0.0.2/32"]',
-        'allow = ["127.0.0.0/8", "::1/128"]': 'allow = ["10.0.0.0/24", "192.168.10.0/24"]'})
+
+    setup = make_setup(
+        tmp_path / "s",
+        tiny_model,
+        free_port(),
+        {
+            "trusted_proxies = []": 'trusted_proxies = ["10.0.0.2/32"]',
+            'allow = ["127.0.0.0/8", "::1/128"]': 'allow = ["10.0.0.0/24", "192.168.10.0/24"]',
+        },
+    )
     policy = load_policy(setup.policy)
     assert str(source_ip(scope_with("10.0.0.2", "192.168.10.7"), policy)) == "192.168.10.7"
     # A chain: the right-most address the trusted proxy did not add itself is the client.
-    assert str(source_ip(scope_with("10.0.0.2", "1.2.3.4, 192.168.10.7, 10.0.0.2"), policy)) \
-        == "192.168.10.7"
+    assert str(source_ip(scope_with("10.0.0.2", "1.2.3.4, 192.168.10.7, 10.0.0.2"), policy)) == "192.168.10.7"
     assert str(source_ip(scope_with("10.0.0.9", "192.168.10.7"), policy)) == "10.0.0.9"
     with pytest.raises(Forbidden, match="not allowed"):
         network_gate(scope_with("10.0.0.2", "8.8.8.8"), policy)

@@ -17,17 +17,7 @@ import pytest
 from conftest import Daemon, DaemonFactory, add_client
 from cryptography.hazmat.primitives import serialization
 from helpers import records, wait_for
-from rawtls import (
-    REFUSED,
-    Cert,
-    ask,
-    connect,
-    context,
-    exchange,
-    has_security_headers,
-    head,
-    served_cert,
-)
+from rawtls import REFUSED, Cert, ask, connect, context, exchange, has_security_headers, head, served_cert
 
 from appliance.security import pki
 

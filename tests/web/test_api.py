@@ -22,8 +22,13 @@ SECURITY_HEADERS = {
 
 
 def chat_body(content: object, **extra: object) -> dict[str, object]:
-    return {"model": "tiny-qwen3vl", "messages": [{"role": "user", "content": content}],
-            "max_tokens": 8, "temperature": 0, **extra}
+    return {
+        "model": "tiny-qwen3vl",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **extra,
+    }
 
 
 def image_content(url: str, text: str = "What is in this image?") -> list[dict[str, object]]:
@@ -93,19 +98,23 @@ def test_text_chat_httpx(daemon: Daemon) -> None:
 def test_image_chat_httpx_counts_image_tokens(daemon: Daemon) -> None:
     with daemon.client() as c:
         text_only = c.post("/v1/chat/completions", json=chat_body("What is in this image?"))
-        with_image = c.post("/v1/chat/completions",
-                            json=chat_body(image_content(data_uri(png_bytes())), seed=1))
+        with_image = c.post(
+            "/v1/chat/completions", json=chat_body(image_content(data_uri(png_bytes())), seed=1)
+        )
     assert with_image.status_code == 200, with_image.text
     assert with_image.json()["choices"][0]["message"]["content"]
-    assert (with_image.json()["usage"]["prompt_tokens"]
-            > text_only.json()["usage"]["prompt_tokens"] + 4)
+    assert with_image.json()["usage"]["prompt_tokens"] > text_only.json()["usage"]["prompt_tokens"] + 4
 
 
 def test_same_seed_same_answer_and_images_matter(daemon: Daemon) -> None:
     def ask(color: tuple[int, int, int]) -> str:
         with daemon.client() as c:
-            r = c.post("/v1/chat/completions", json=chat_body(
-                image_content(data_uri(png_bytes(color))), max_tokens=16, temperature=1.0, seed=7))
+            r = c.post(
+                "/v1/chat/completions",
+                json=chat_body(
+                    image_content(data_uri(png_bytes(color))), max_tokens=16, temperature=1.0, seed=7
+                ),
+            )
         return str(r.json()["choices"][0]["message"]["content"])
 
     red = ask((255, 0, 0))
@@ -114,22 +123,36 @@ def test_same_seed_same_answer_and_images_matter(daemon: Daemon) -> None:
 
 
 def openai_client(d: Daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=d.url + "/v1", api_key=d.setup.token,
-                         http_client=httpx.Client(verify=d.ssl_context()), max_retries=0)
+    return openai.OpenAI(
+        base_url=d.url + "/v1",
+        api_key=d.setup.token,
+        http_client=httpx.Client(verify=d.ssl_context()),
+        max_retries=0,
+    )
 
 
 def test_openai_client_text_and_image(daemon: Daemon) -> None:
     client = openai_client(daemon)
     text = client.chat.completions.create(
-        model="tiny-qwen3vl", messages=[{"role": "user", "content": "Summarise the risk."}],
-        max_tokens=6)
+        model="tiny-qwen3vl", messages=[{"role": "user", "content": "Summarise the risk."}], max_tokens=6
+    )
     assert text.choices[0].message.content and text.usage and text.usage.completion_tokens >= 1
     img = client.chat.completions.create(
-        model="tiny-qwen3vl", max_tokens=6,
-        messages=[{"role": "user", "content": [
-            {"type": "text", "text": "Read the statement"},
-            {"type": "image_url", "image_url": {"url": data_uri(png_bytes(fmt="JPEG"),
-                                                                "image/jpeg")}}]}])
+        model="tiny-qwen3vl",
+        max_tokens=6,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Read the statement"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": data_uri(png_bytes(fmt="JPEG"), "image/jpeg")},
+                    },
+                ],
+            }
+        ],
+    )
     assert img.choices[0].message.content
     assert [m.id for m in client.models.list()] == ["tiny-qwen3vl"]
 
@@ -137,8 +160,11 @@ def test_openai_client_text_and_image(daemon: Daemon) -> None:
 def test_openai_client_streaming(daemon: Daemon) -> None:
     client = openai_client(daemon)
     stream = client.chat.completions.create(
-        model="tiny-qwen3vl", messages=[{"role": "user", "content": image_content(
-            data_uri(png_bytes(fmt="WEBP"), "image/webp"))}], max_tokens=10, stream=True)
+        model="tiny-qwen3vl",
+        messages=[{"role": "user", "content": image_content(data_uri(png_bytes(fmt="WEBP"), "image/webp"))}],
+        max_tokens=10,
+        stream=True,
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -148,8 +174,10 @@ def test_openai_client_streaming(daemon: Daemon) -> None:
 
 
 def test_raw_sse_ends_with_done(daemon: Daemon) -> None:
-    with daemon.client() as c, c.stream("POST", "/v1/chat/completions",
-                                        json=chat_body("stream please", stream=True)) as r:
+    with (
+        daemon.client() as c,
+        c.stream("POST", "/v1/chat/completions", json=chat_body("stream please", stream=True)) as r,
+    ):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -163,14 +191,17 @@ def test_api_chat_with_path_and_base64(daemon: Daemon) -> None:
     (data_dir / "reports").mkdir(exist_ok=True)
     (data_dir / "reports" / "q3.png").write_bytes(png_bytes())
     with daemon.client() as c:
-        by_path = c.post("/api/v1/chat", json={"prompt": "分析这张财务报表",
-                                               "image": "reports/q3.png", "max_tokens": 6})
-        absolute = c.post("/api/v1/chat", json={"prompt": "Summarise",
-                                                "image": str(data_dir / "reports" / "q3.png"),
-                                                "max_tokens": 4})
-        by_b64 = c.post("/api/v1/chat", json={
-            "prompt": "Summarise", "image": base64.b64encode(png_bytes()).decode(),
-            "max_tokens": 4})
+        by_path = c.post(
+            "/api/v1/chat", json={"prompt": "分析这张财务报表", "image": "reports/q3.png", "max_tokens": 6}
+        )
+        absolute = c.post(
+            "/api/v1/chat",
+            json={"prompt": "Summarise", "image": str(data_dir / "reports" / "q3.png"), "max_tokens": 4},
+        )
+        by_b64 = c.post(
+            "/api/v1/chat",
+            json={"prompt": "Summarise", "image": base64.b64encode(png_bytes()).decode(), "max_tokens": 4},
+        )
         text = c.post("/api/v1/chat", json={"prompt": "测试安全连接", "max_tokens": 4})
     for r in (by_path, absolute, by_b64, text):
         assert r.status_code == 200, r.text
@@ -181,21 +212,38 @@ def test_api_chat_with_path_and_base64(daemon: Daemon) -> None:
 # --- refusals ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:9/x.png", "https://example.com/a.png", "file:///etc/hostname",
-    "ftp://example.com/a.png", "/etc/passwd", "gopher://x", "data:text/plain;base64,aGVsbG8=",
-    "data:image/svg+xml;base64,PHN2Zz4=", "data:image/png,rawbytes",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x.png",
+        "https://example.com/a.png",
+        "file:///etc/hostname",
+        "ftp://example.com/a.png",
+        "/etc/passwd",
+        "gopher://x",
+        "data:text/plain;base64,aGVsbG8=",
+        "data:image/svg+xml;base64,PHN2Zz4=",
+        "data:image/png,rawbytes",
+    ],
+)
 def test_url_images_refused_never_fetched(daemon: Daemon, url: str) -> None:
     with daemon.client() as c:
         r = c.post("/v1/chat/completions", json=chat_body(image_content(url)))
     assert_error(r, 400, "data:image")
 
 
-@pytest.mark.parametrize("path", [
-    "../policy.toml", "reports/../../policy.toml", "%2e%2e/policy.toml", "/etc/passwd",
-    "..\\policy.toml", "reports/q3.png\x00.txt", "escape.png",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../policy.toml",
+        "reports/../../policy.toml",
+        "%2e%2e/policy.toml",
+        "/etc/passwd",
+        "..\\policy.toml",
+        "reports/q3.png\x00.txt",
+        "escape.png",
+    ],
+)
 def test_path_traversal_refused(daemon: Daemon, path: str) -> None:
     data_dir = daemon.setup.policy.parent / "data"
     link = data_dir / "escape.png"
@@ -212,31 +260,52 @@ def test_bad_images(daemon: Daemon) -> None:
     gif = png_bytes(fmt="GIF")
     with daemon.client() as c:
         post = c.post
-        assert_error(post("/v1/chat/completions", json=chat_body(image_content(data_uri(bomb)))),
-                     413, "pixels")
-        assert_error(post("/v1/chat/completions",
-                          json=chat_body(image_content(data_uri(corrupt)))), 400, "corrupt")
-        assert_error(post("/v1/chat/completions", json=chat_body(image_content(data_uri(gif)))),
-                     415, "PNG")
-        assert_error(post("/v1/chat/completions", json=chat_body(image_content(
-            "data:image/png;base64,@@not base64@@"))), 400, "base64")
+        assert_error(
+            post("/v1/chat/completions", json=chat_body(image_content(data_uri(bomb)))), 413, "pixels"
+        )
+        assert_error(
+            post("/v1/chat/completions", json=chat_body(image_content(data_uri(corrupt)))), 400, "corrupt"
+        )
+        assert_error(post("/v1/chat/completions", json=chat_body(image_content(data_uri(gif)))), 415, "PNG")
+        assert_error(
+            post(
+                "/v1/chat/completions", json=chat_body(image_content("data:image/png;base64,@@not base64@@"))
+            ),
+            400,
+            "base64",
+        )
     assert_still_serving(daemon)
 
 
 def test_body_limits_and_malformed(daemon: Daemon) -> None:
     with daemon.client() as c:
-        big = c.post("/v1/chat/completions", content=b"{" + b" " * 3_100_000 + b"}",
-                     headers={"content-type": "application/json"})
+        big = c.post(
+            "/v1/chat/completions",
+            content=b"{" + b" " * 3_100_000 + b"}",
+            headers={"content-type": "application/json"},
+        )
         assert_error(big, 413)
-        assert_error(c.post("/v1/chat/completions", content=b"{not json",
-                            headers={"content-type": "application/json"}), 400, "JSON")
-        assert_error(c.post("/v1/chat/completions", content=b"prompt=x",
-                            headers={"content-type": "application/x-www-form-urlencoded"}),
-                     415)
-        assert_error(c.post("/v1/chat/completions", json=chat_body("x", max_tokens=10_000)),
-                     400, "max_tokens")
-        assert_error(c.post("/v1/chat/completions", json=chat_body("x", temperature="hot")),
-                     400, "temperature")
+        assert_error(
+            c.post(
+                "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+            ),
+            400,
+            "JSON",
+        )
+        assert_error(
+            c.post(
+                "/v1/chat/completions",
+                content=b"prompt=x",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            ),
+            415,
+        )
+        assert_error(
+            c.post("/v1/chat/completions", json=chat_body("x", max_tokens=10_000)), 400, "max_tokens"
+        )
+        assert_error(
+            c.post("/v1/chat/completions", json=chat_body("x", temperature="hot")), 400, "temperature"
+        )
         assert_error(c.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
         assert_error(c.post("/v1/chat/completions", json=chat_body("x", model="gpt-4")), 404)
         assert_error(c.get("/nope"), 404)
@@ -246,10 +315,10 @@ def test_body_limits_and_malformed(daemon: Daemon) -> None:
 
 def test_missing_or_wrong_token(daemon: Daemon) -> None:
     with daemon.client() as c:
-        no_token = c.post("/v1/chat/completions", json=chat_body("x"),
-                          headers={"authorization": ""})
-        wrong = c.post("/v1/chat/completions", json=chat_body("x"),
-                       headers={"authorization": "Bearer qwa_wrong"})
+        no_token = c.post("/v1/chat/completions", json=chat_body("x"), headers={"authorization": ""})
+        wrong = c.post(
+            "/v1/chat/completions", json=chat_body("x"), headers={"authorization": "Bearer qwa_wrong"}
+        )
         basic = c.get("/v1/models", headers={"authorization": "Basic dXNlcjpwYXNz"})
         unknown_route = c.get("/admin/secret", headers={"authorization": ""})
     for r in (no_token, wrong, basic, unknown_route):
@@ -258,17 +327,22 @@ def test_missing_or_wrong_token(daemon: Daemon) -> None:
 
 
 def test_handshake_requires_client_certificate(daemon: Daemon, tmp_path: Path) -> None:
-    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)), \
-            daemon.client(client_cert=False) as c:
+    with (
+        pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
+        daemon.client(client_cert=False) as c,
+    ):
         c.get("/healthz")
     # A certificate from another CA fails the handshake too.
     from appliance.security import pki
+
     other = pki.new_ca("rogue CA")
     pki.save(pki.new_client_cert(other, "rogue"), tmp_path / "r.crt", tmp_path / "r.key")
     ctx = ssl.create_default_context(cafile=str(daemon.setup.ca_cert))
     ctx.load_cert_chain(str(tmp_path / "r.crt"), str(tmp_path / "r.key"))
-    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)), \
-            httpx.Client(verify=ctx) as c:
+    with (
+        pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)),
+        httpx.Client(verify=ctx) as c,
+    ):
         c.get(daemon.url + "/healthz")
     # TLS 1.1 is refused.
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

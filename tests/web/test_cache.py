@@ -40,8 +40,9 @@ def test_key_covers_client_model_request_and_image_content() -> None:
     assert key != request_key("a", "n" * 64, MESSAGES, GREEDY)
     assert key != request_key("a", "m" * 64, MESSAGES, SamplingParams(max_tokens=9, temperature=0))
     # Greedy decoding ignores top_p and seed, so they do not split the cache.
-    assert key == request_key("a", "m" * 64, MESSAGES, SamplingParams(max_tokens=8, temperature=0,
-                                                                        top_p=0.5, seed=4))
+    assert key == request_key(
+        "a", "m" * 64, MESSAGES, SamplingParams(max_tokens=8, temperature=0, top_p=0.5, seed=4)
+    )
     red = RGBImage(1, 1, b"\xff\0\0", 10, "PNG", source_sha256="1" * 64)
     blue = RGBImage(1, 1, b"\0\0\xff", 10, "PNG", source_sha256="2" * 64)
     with_red = (Message("user", (red, "what is it")),)
@@ -80,8 +81,7 @@ def test_cancelled_answers_are_not_kept_and_reload_drops_clients() -> None:
 # --- through the daemon ---------------------------------------------------------------------------
 
 
-CHAT = {"messages": [{"role": "user", "content": "What is the total?"}], "max_tokens": 16,
-        "temperature": 0}
+CHAT = {"messages": [{"role": "user", "content": "What is the total?"}], "max_tokens": 16, "temperature": 0}
 TOKENS: dict[str, str] = {}
 
 

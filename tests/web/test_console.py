@@ -37,8 +37,10 @@ def _require_tools() -> None:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     missing += [tool for tool in ("certutil", "pk12util") if shutil.which(tool) is None]
     if missing:
-        pytest.fail(f"missing {', '.join(missing)}: run `make browser` (part of `make test`), which installs "
-                    "Debian's chromium, chromium-driver and libnss3-tools")
+        pytest.fail(
+            f"missing {', '.join(missing)}: run `make browser` (part of `make test`), which installs "
+            "Debian's chromium, chromium-driver and libnss3-tools"
+        )
 
 
 @dataclass
@@ -74,26 +76,50 @@ def _nss_db(home: Path, p12: Path, ca: Path) -> None:
     db = f"sql:{home / '.pki' / 'nssdb'}"
     (home / ".pki" / "nssdb").mkdir(parents=True)
     env = {**os.environ, "HOME": str(home)}
-    for cmd in (["certutil", "-d", db, "-N", "--empty-password"],
-                ["pk12util", "-i", str(p12), "-d", db, "-W", P12_PASSWORD],
-                ["certutil", "-A", "-d", db, "-n", "qwen-appliance CA", "-t", "C,,", "-i", str(ca)]):
+    for cmd in (
+        ["certutil", "-d", db, "-N", "--empty-password"],
+        ["pk12util", "-i", str(p12), "-d", db, "-W", P12_PASSWORD],
+        ["certutil", "-A", "-d", db, "-n", "qwen-appliance CA", "-t", "C,,", "-i", str(ca)],
+    ):
         subprocess.run(cmd, check=True, capture_output=True, env=env)
 
 
 def _auto_select(profile: Path, origin: str, cn: str) -> None:
     """The per-profile form of AutoSelectCertificateForUrls: present the cert whose CN matches, no dialog."""
     setting = {"filters": [{"SUBJECT": {"CN": cn}}]}
-    prefs = {"profile": {"content_settings": {"exceptions": {"auto_select_certificate": {
-        f"{origin},*": {"setting": setting}}}}}}
+    prefs = {
+        "profile": {
+            "content_settings": {
+                "exceptions": {"auto_select_certificate": {f"{origin},*": {"setting": setting}}}
+            }
+        }
+    }
     (profile / "Default").mkdir(parents=True)
     (profile / "Default" / "Preferences").write_text(json.dumps(prefs))
 
 
 def _issue_p12(daemon: Daemon, out: Path) -> Path:
     tls = daemon.setup.policy.parent / "tls"
-    r = subprocess.run([sys.executable, "-m", "appliance", "cert", "client", "browser", "--ca-dir", str(tls),
-                        "--out", str(out), "--p12"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "QWEN_APPLIANCE_P12_PASSWORD": P12_PASSWORD}, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "cert",
+            "client",
+            "browser",
+            "--ca-dir",
+            str(tls),
+            "--out",
+            str(out),
+            "--p12",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "QWEN_APPLIANCE_P12_PASSWORD": P12_PASSWORD},
+        check=True,
+    )
     assert "from $QWEN_APPLIANCE_P12_PASSWORD" in r.stdout
     return out / "browser.p12"
 
@@ -104,20 +130,34 @@ def _start_chromium(home: Path, profile: Path) -> Any:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", "--window-size=1200,1000", "--lang=en-US",
-                 f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1000",
+        "--lang=en-US",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     service = Service(str(CHROMEDRIVER), env={**os.environ, "HOME": str(home)})
     driver = webdriver.Chrome(options=opts, service=service)
     driver.set_page_load_timeout(30)
     # A test-only listener, injected by DevTools before any page script runs (CSP does not apply to it).
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+    driver.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": """
         window.__csp = [];
         document.addEventListener("securitypolicyviolation",
-            (e) => window.__csp.push(e.violatedDirective + " " + e.blockedURI));"""})
+            (e) => window.__csp.push(e.violatedDirective + " " + e.blockedURI));"""
+        },
+    )
     return driver
 
 
@@ -143,13 +183,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> 
 def _record_answer_growth(b: Browser) -> None:
     """Note the answer's length once per batch of DOM changes. Pieces from one network read land in one
     batch, so two or more lengths mean the answer arrived and was rendered in separate reads."""
-    b.js("""
+    b.js(
+        """
         window.__lengths = [];
         new MutationObserver(() => {
             const a = document.querySelector(arguments[0]);
             if (a) window.__lengths.push(a.textContent.length);
         }).observe(document.getElementById("conversation"),
-                   {childList: true, subtree: true, characterData: true});""", ANSWER)
+                   {childList: true, subtree: true, characterData: true});""",
+        ANSWER,
+    )
 
 
 def _ask(b: Browser, question: str, image: Path | None = None) -> str:
@@ -169,9 +212,14 @@ def _screenshot(b: Browser, name: str, tmp: Path) -> None:
     """The whole page, not just the viewport. docs/ gets it when missing or with QWA_SCREENSHOTS=update,
     so that a test run does not rewrite tracked images (the tiny model's answer differs every run)."""
     size = b.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-    shot = b.driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png", "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    shot = b.driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        },
+    )
     data = base64.b64decode(shot["data"])
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
     (tmp / name).write_bytes(data)
@@ -229,8 +277,9 @@ def test_default_language_follows_the_browser(browser: Browser) -> None:
         assert b.js("return navigator.language") == "zh-CN"
         assert b.text("h1") == "文档助手"
     finally:
-        b.driver.execute_cdp_cmd("Emulation.setUserAgentOverride",
-                                 {"userAgent": ua, "acceptLanguage": "en-US"})
+        b.driver.execute_cdp_cmd(
+            "Emulation.setUserAgentOverride", {"userAgent": ua, "acceptLanguage": "en-US"}
+        )
         b.js("sessionStorage.removeItem('qwen-appliance.lang')")
         b.driver.refresh()
     assert b.text("h1") == "Document assistant"
@@ -290,16 +339,28 @@ def test_console_headers_and_routes(browser: Browser) -> None:
     assert post.headers["content-security-policy"] == "default-src 'none'"
 
 
-@pytest.mark.parametrize(("method", "path", "public"), [
-    ("GET", "/console", True), ("HEAD", "/console/static/console.js", False),  # GET only (issue 11)
-    ("GET", "/console/static/icon.svg", True), ("POST", "/console", False),
-    ("POST", "/console/static/console.js", False), ("GET", "/console/", False),
-    ("GET", "/console/static/", False), ("GET", "/console/static/../../v1/models", False),
-    ("GET", "/console/static/x/../../api/v1/health", False), ("GET", "/console/static/.hidden", False),
-    ("GET", "/console/static//v1/models", False), ("GET", "/console/staticx.js", False),
-    ("GET", "/healthz", True), ("GET", "/v1/models", False),
-])
-def test_only_the_console_page_and_single_asset_names_skip_the_token(method: str, path: str,
-                                                                   public: bool) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "public"),
+    [
+        ("GET", "/console", True),
+        ("HEAD", "/console/static/console.js", False),  # GET only (issue 11)
+        ("GET", "/console/static/icon.svg", True),
+        ("POST", "/console", False),
+        ("POST", "/console/static/console.js", False),
+        ("GET", "/console/", False),
+        ("GET", "/console/static/", False),
+        ("GET", "/console/static/../../v1/models", False),
+        ("GET", "/console/static/x/../../api/v1/health", False),
+        ("GET", "/console/static/.hidden", False),
+        ("GET", "/console/static//v1/models", False),
+        ("GET", "/console/staticx.js", False),
+        ("GET", "/healthz", True),
+        ("GET", "/v1/models", False),
+    ],
+)
+def test_only_the_console_page_and_single_asset_names_skip_the_token(
+    method: str, path: str, public: bool
+) -> None:
     from appliance.security.identity import is_public
+
     assert is_public({"method": method, "path": path}) is public

@@ -27,9 +27,13 @@ expected-statuses = ["2xx"]
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "406", "413", "415"]
 """
-FUZZ_EDITS = {"max_tokens = 2048": "max_tokens = 16", "n_ctx = 4096": "n_ctx = 32768",
-              "max_images = 8": "max_images = 3", "max_body_bytes = 20_000_000": "max_body_bytes = 4_000_000",
-              "max_image_bytes = 10_000_000": "max_image_bytes = 1_000_000"}
+FUZZ_EDITS = {
+    "max_tokens = 2048": "max_tokens = 16",
+    "n_ctx = 4096": "n_ctx = 32768",
+    "max_images = 8": "max_images = 3",
+    "max_body_bytes = 20_000_000": "max_body_bytes = 4_000_000",
+    "max_image_bytes = 10_000_000": "max_image_bytes = 1_000_000",
+}
 
 
 def prepare(tokens: dict[str, str]) -> object:
@@ -39,6 +43,7 @@ def prepare(tokens: dict[str, str]) -> object:
         (data / "scan.png").write_bytes(png_bytes())
         (data / "photo.jpg").write_bytes(png_bytes((10, 90, 200), fmt="JPEG"))
         tokens["admin"] = add_client(setup.policy, "auditor", scopes=("chat", "models", "metrics", "admin"))
+
     return go
 
 
@@ -61,22 +66,61 @@ def fetch_schema(d: Daemon, admin: str, out: Path) -> Path:
 def run_schemathesis(d: Daemon, admin: str, schema: Path, work: Path) -> subprocess.CompletedProcess[str]:
     (work / "schemathesis.toml").write_text(CONFIG)
     s = d.setup
-    env = dict(os.environ, SCHEMATHESIS_HOOKS="schemathesis_hooks", PYTHONPATH=str(ROOT / "tests"),
-               QWA_FUZZ_MAX_IMAGES="3", QWA_FUZZ_DATA_FILES="scan.png,photo.jpg", NO_COLOR="1")
-    cmd = [str(SCHEMATHESIS), "--config-file", str(work / "schemathesis.toml"), "run", str(schema),
-           "--url", d.url, "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", "20261125",
-           "--workers", "2", "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
-           "--request-timeout", "30", "--output-sanitize", "false", "--tls-verify", str(s.ca_cert),
-           "--request-cert", str(s.client_cert), "--request-cert-key", str(s.client_key),
-           "-H", f"Authorization: Bearer {admin}",
-           "--report", "ndjson", "--report-ndjson-path", str(work / "events.ndjson")]
+    env = dict(
+        os.environ,
+        SCHEMATHESIS_HOOKS="schemathesis_hooks",
+        PYTHONPATH=str(ROOT / "tests"),
+        QWA_FUZZ_MAX_IMAGES="3",
+        QWA_FUZZ_DATA_FILES="scan.png,photo.jpg",
+        NO_COLOR="1",
+    )
+    cmd = [
+        str(SCHEMATHESIS),
+        "--config-file",
+        str(work / "schemathesis.toml"),
+        "run",
+        str(schema),
+        "--url",
+        d.url,
+        "--checks",
+        "all",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--seed",
+        "20261125",
+        "--workers",
+        "2",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "30",
+        "--output-sanitize",
+        "false",
+        "--tls-verify",
+        str(s.ca_cert),
+        "--request-cert",
+        str(s.client_cert),
+        "--request-cert-key",
+        str(s.client_key),
+        "-H",
+        f"Authorization: Bearer {admin}",
+        "--report",
+        "ndjson",
+        "--report-ndjson-path",
+        str(work / "events.ndjson"),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=work)
 
 
 def cases_run(events: Path) -> int:
     """The number of test cases schemathesis generated and sent, from its event log."""
-    finished = [json.loads(line)["ScenarioFinished"] for line in events.read_text().splitlines()
-                if line.startswith('{"ScenarioFinished"')]
+    finished = [
+        json.loads(line)["ScenarioFinished"]
+        for line in events.read_text().splitlines()
+        if line.startswith('{"ScenarioFinished"')
+    ]
     return sum(len(f["recorder"].get("cases", {})) for f in finished)
 
 
@@ -101,12 +145,18 @@ def test_document_describes_every_api_route(tmp_path: Path) -> None:
     from appliance.config.load import load_policy
     from appliance.web import openapi, routes
     from appliance.web.app import build_app
-    setup = init(tmp_path / "s", listen="127.0.0.1:9443", model=tmp_path / "m.gguf", mmproj=None,
-                 client="tester")
+
+    setup = init(
+        tmp_path / "s", listen="127.0.0.1:9443", model=tmp_path / "m.gguf", mmproj=None, client="tester"
+    )
     policy = load_policy(setup.policy)
     gate = build_app(SimpleNamespace(policy=policy, trail=None))  # type: ignore[arg-type]
-    served = {(r.path, m) for r in gate.app.routes for m in r.methods  # type: ignore[attr-defined]
-              if m not in ("HEAD", "OPTIONS") and not r.path.startswith("/console")}
+    served = {
+        (r.path, m)
+        for r in gate.app.routes
+        for m in r.methods  # type: ignore[attr-defined]
+        if m not in ("HEAD", "OPTIONS") and not r.path.startswith("/console")
+    }
     doc = openapi.document(policy, SimpleNamespace(name="tiny"))  # type: ignore[arg-type]
     described = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
     assert served == described

@@ -22,8 +22,13 @@ def prepare(setup: InitResult) -> None:
 def test_health_report_and_metrics(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory(prepare=prepare)
     with d.client() as c:
-        assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                    "max_tokens": 3}).status_code == 200
+        assert (
+            c.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            ).status_code
+            == 200
+        )
         assert c.get("/api/v1/health").status_code == 403  # chat clients are not admins
         assert c.get("/metrics").status_code == 403
     with d.client(token=TOKENS["admin"]) as c:
@@ -63,9 +68,12 @@ def test_readyz_503_while_a_critical_condition_holds(daemon_factory: DaemonFacto
 
 def test_require_gpu_refuses_cpu_fallback(tmp_path: Path, tiny_model: TinyModel) -> None:
     """n_gpu_layers = 0 makes it CPU inference on every box; the refusal names the first reason that holds."""
-    setup = make_setup(tmp_path / "s", tiny_model, free_port(),
-                       {"threads = 1 ": "require_gpu = true\nthreads = 1 ",
-                        "n_gpu_layers = -1": "n_gpu_layers = 0"})
+    setup = make_setup(
+        tmp_path / "s",
+        tiny_model,
+        free_port(),
+        {"threads = 1 ": "require_gpu = true\nthreads = 1 ", "n_gpu_layers = -1": "n_gpu_layers = 0"},
+    )
     r = run_cli("serve", "--policy", str(setup.policy))
     assert r.returncode == 2
     assert "require_gpu = true" in r.stderr and "GGML_CUDA" in r.stderr

@@ -18,22 +18,27 @@ from appliance.web.images import ImageLimits, from_api_field, from_image_url
 @pytest.fixture
 def limits(tmp_path: Path) -> ImageLimits:
     (tmp_path / "data").mkdir()
-    return ImageLimits(max_image_bytes=200_000, max_image_pixels=1_000_000,
-                       data_dir=tmp_path / "data")
+    return ImageLimits(max_image_bytes=200_000, max_image_pixels=1_000_000, data_dir=tmp_path / "data")
 
 
 def bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a huge image."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize(("fmt", "mime"), [("PNG", "image/png"), ("JPEG", "image/jpeg"),
-                                           ("WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    ("fmt", "mime"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
+)
 def test_accepted_formats_become_rgb(limits: ImageLimits, fmt: str, mime: str) -> None:
     img = from_image_url(data_uri(png_bytes(size=(40, 30), fmt=fmt), mime), limits)
     assert (img.width, img.height, img.source_format) == (40, 30, fmt)
@@ -44,15 +49,26 @@ def test_rgba_and_palette_are_flattened(limits: ImageLimits) -> None:
     from io import BytesIO
 
     from PIL import Image
+
     for mode in ("RGBA", "P", "L", "I;16"):
         buf = BytesIO()
         Image.new(mode, (8, 8)).save(buf, format="PNG")
         assert len(from_image_url(data_uri(buf.getvalue()), limits).rgb) == 8 * 8 * 3
 
 
-@pytest.mark.parametrize("url", ["http://169.254.169.254/latest", "https://x/y.png",
-                                 "file:///etc/passwd", "ftp://h/f", "/etc/passwd", "x.png",
-                                 "data:image/gif;base64,R0lGOD", "DATA:text/html;base64,PGgx"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest",
+        "https://x/y.png",
+        "file:///etc/passwd",
+        "ftp://h/f",
+        "/etc/passwd",
+        "x.png",
+        "data:image/gif;base64,R0lGOD",
+        "DATA:text/html;base64,PGgx",
+    ],
+)
 def test_non_data_urls_refused(limits: ImageLimits, url: str) -> None:
     with pytest.raises(BadRequest, match="never fetched"):
         from_image_url(url, limits)
@@ -93,8 +109,16 @@ def test_api_field_path_base64_and_confinement(limits: ImageLimits, tmp_path: Pa
     assert from_api_field(str(limits.data_dir / "a/scan.png"), limits).width == 64
     assert from_api_field("inner.png", limits).width == 64  # a link that stays inside is fine
     assert from_api_field(base64.b64encode(png_bytes()).decode(), limits).width == 64
-    for bad in ["../secret.png", "a/../../secret.png", str(tmp_path / "secret.png"), "link.png",
-                "a\\..\\..\\secret.png", "a/scan.png\x00", "missing.png", "a"]:
+    for bad in [
+        "../secret.png",
+        "a/../../secret.png",
+        str(tmp_path / "secret.png"),
+        "link.png",
+        "a\\..\\..\\secret.png",
+        "a/scan.png\x00",
+        "missing.png",
+        "a",
+    ]:
         with pytest.raises(BadRequest):
             from_api_field(bad, limits)
 
