@@ -358,7 +358,7 @@ def _check_end(path: Path, recs: list[Record], result: VerifyResult, expect: Exp
     if expect.through_seq is None and expect.through_time is None and rec.get("event") == "audit.seal":
         result.notes.append(
             f"{where}; files deleted after a seal leave no trace in the files: "
-            "compare with a known point (--expect-through SEQ|TIME) or the forwarded copy"
+            "compare with a known point (--expect-through SEQ:MAC, from the stop line) or the forwarded copy"
         )
 
 
