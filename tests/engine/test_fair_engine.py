@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Daemon, DaemonFactory, add_client, data_uri
+from helpers import LONG
 from PIL import Image
 
 from appliance.config.policy import Client, Rate
@@ -25,12 +26,6 @@ from appliance.security.ratelimit import TokenBudgets
 from appliance.web import images
 from appliance.web.intake import IntakeRules, parse_api_chat, parse_openai_chat
 
-LONG = {
-    "messages": [{"role": "user", "content": "Write a long report"}],
-    "max_tokens": 30000,
-    "temperature": 0,
-    "stream": True,
-}
 EDITS = {
     "n_ctx = 4096": "n_ctx = 32768",
     "max_tokens = 2048": "max_tokens = 30000",

@@ -7,7 +7,6 @@ count in qwa_cancelled_total{stage="queued"}, and never reach the engine.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from typing import Any
@@ -15,26 +14,13 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Daemon, DaemonFactory, add_client
-from helpers import wait_for
+from helpers import LONG, records, wait_for
 
-from appliance.audit.log import list_files
-
-LONG = {
-    "messages": [{"role": "user", "content": "Write a long report"}],
-    "max_tokens": 30000,
-    "temperature": 0,
-    "stream": True,
-}
 EDITS = {
     "n_ctx = 4096": "n_ctx = 32768",
     "max_tokens = 2048": "max_tokens = 30000",
     "parallel = 4": "parallel = 1",
 }
-
-
-def _records(d: Daemon) -> list[dict[str, Any]]:
-    audit = d.setup.policy.parent / "audit"
-    return [json.loads(line) for p in list_files(audit) for line in p.read_bytes().splitlines()]
 
 
 def _metric(d: Daemon, token: str, name: str) -> float:
@@ -75,7 +61,7 @@ def test_request_dropped_while_queued_never_runs(daemon_factory: DaemonFactory, 
         assert wait_for(lambda: d.readyz()["queue"]["waiting"] == 0, timeout=5)
         assert _metric(d, tokens["ops"], queued) == 1
         next(lines)  # A is still streaming: B never took its place
-    b = [r for r in _records(d) if r.get("status") == 499]
+    b = [r for r in records(d) if r.get("status") == 499]
     assert len(b) == 1, b
     assert b[0]["cancelled_while"] == "queued" and b[0]["finish_reason"] == "cancelled"
     assert b[0]["completion_tokens"] == 0 and b[0]["prompt_tokens"] == 0
