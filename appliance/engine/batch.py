@@ -12,11 +12,9 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-import llama_cpp
-from llama_cpp import mtmd_cpp
-
 from appliance.config.policy import ModelPolicy
 from appliance.engine import loader
+from appliance.engine.bindings import llama_cpp, mtmd_cpp
 from appliance.engine.output import token_piece
 from appliance.engine.prompt import Key, Prompt, PromptBuilder, item_key
 from appliance.engine.slots import Generation, Slot, Span

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import jinja2
-import llama_cpp
-from llama_cpp import mtmd_cpp
 
 from appliance.config.policy import ModelPolicy
+from appliance.engine.bindings import llama_cpp, mtmd_cpp
 from appliance.engine.native_log import capture_native_errors, install_native_logging
 from appliance.engine.prompt import image_tokens
 from appliance.engine.template import MEDIA_MARKER, ChatTemplate

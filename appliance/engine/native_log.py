@@ -11,8 +11,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-import llama_cpp
-from llama_cpp import mtmd_cpp
+from appliance.engine.bindings import llama_cpp, mtmd_cpp
 
 native_log = logging.getLogger("appliance.llama")
 

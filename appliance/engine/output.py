@@ -9,8 +9,7 @@ import codecs
 import ctypes
 from collections.abc import Callable, Sequence
 
-import llama_cpp
-
+from appliance.engine.bindings import llama_cpp
 from appliance.engine.types import SamplingParams
 
 TOP_K = 40  # llama-server's default; bounds sampling cost on 150k-token vocabularies

@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import llama_cpp
-from llama_cpp import mtmd_cpp
-
+from appliance.engine.bindings import llama_cpp, mtmd_cpp
 from appliance.engine.template import ChatTemplate, Segment
 from appliance.engine.types import Message, ModelInfo, RGBImage, SamplingParams
 from appliance.errors import BadRequest, ContextOverflow

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import llama_cpp
-
+from appliance.engine.bindings import llama_cpp
 from appliance.engine.output import TextOut, make_sampler
 from appliance.engine.prompt import ImageItem, Key, Prompt
 from appliance.engine.types import Completion, SamplingParams, Usage
