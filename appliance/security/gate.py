@@ -110,8 +110,8 @@ class Gate:
         self.refusals = RefusalAudit(trail, lambda: self.policy().server.refusal_records_per_second)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http":  # WebSockets and lifespan are off in the server: nothing else passes
+            log.error("refused an ASGI %r scope: only HTTP requests pass the gate", scope["type"])
             return
         request_id = secrets.token_hex(12)
         policy = self.policy()  # one snapshot per request: a reload never changes it midway
