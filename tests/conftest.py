@@ -136,11 +136,15 @@ def start_daemon(setup: InitResult, port: int, log_path: Path, timeout: float = 
         env=env,
         cwd=ROOT,
     )
-    daemon = Daemon(setup, f"https://127.0.0.1:{port}", proc, log_path)
+    return wait_ready(Daemon(setup, f"https://127.0.0.1:{port}", proc, log_path), timeout)
+
+
+def wait_ready(daemon: Daemon, timeout: float) -> Daemon:
+    """Poll /readyz until 200; a daemon that exits or stays unready fails the test with its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {proc.returncode}:\n{daemon.log()}")
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log()}")
         try:
             with daemon.client(timeout=2) as c:
                 if c.get("/readyz").status_code == 200:

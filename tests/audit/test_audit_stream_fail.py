@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import ROOT, Daemon, TinyModel, free_port, make_setup
+from conftest import ROOT, Daemon, TinyModel, free_port, make_setup, wait_ready
 from helpers import wait_for
 
 from appliance.admin.init import InitResult
@@ -55,19 +52,7 @@ def start_piped(setup: InitResult, port: int, log_path: Path, timeout: float = 6
                 out.flush()
 
     threading.Thread(target=copy, daemon=True).start()
-    d = Daemon(setup, f"https://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, d.log()
-        try:
-            with d.client(timeout=2) as c:
-                if c.get("/readyz").status_code == 200:
-                    return d
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    d.stop(signal.SIGKILL)
-    raise AssertionError(f"daemon not ready in {timeout}s:\n{d.log()}")
+    return wait_ready(Daemon(setup, f"https://127.0.0.1:{port}", proc, log_path), timeout)
 
 
 @pytest.fixture
